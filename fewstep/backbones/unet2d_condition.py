@@ -1,0 +1,27 @@
+"""Adapter for diffusers ``UNet2DConditionModel`` (SD1.5/2.1 and SDXL call signatures)."""
+from __future__ import annotations
+
+from ..conditioning import Cond
+from .base import BackboneAdapter
+
+
+class UNet2DConditionAdapter(BackboneAdapter):
+    """``UNet2DConditionModel(x_t, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond)``.
+
+    SDXL's ``added_cond_kwargs`` are ``{"text_embeds": pooled, "time_ids": ...}``: ``Cond.pooled`` fills
+    ``text_embeds`` and ``Cond.added`` carries ``time_ids``. ``Cond.guidance`` is LCM's w-embedding input
+    (``timestep_cond``).
+    """
+
+    feature_modules = ("mid_block",)
+
+    def forward(self, x_t, timestep, cond: Cond):
+        added = dict(cond.added)
+        if cond.pooled is not None:
+            added["text_embeds"] = cond.pooled
+        return self.model(x_t, timestep.to(x_t.device), encoder_hidden_states=cond.text,
+                          encoder_attention_mask=cond.text_mask, added_cond_kwargs=added or None,
+                          timestep_cond=cond.guidance, return_dict=False)[0]
+
+    def feature_channels(self) -> int:
+        return self.model.config.block_out_channels[-1]

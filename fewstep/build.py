@@ -1,0 +1,134 @@
+"""Factories: teacher loading, student / critic / head construction, accelerator.
+
+``full`` mode: frozen teacher (optionally bf16) plus trainable fp32 copies for student and critic.
+``lora`` mode: one frozen base; student and critic are two peft adapters on it and the teacher is the
+base with adapters disabled, so the backbone's weights are held once (DESIGN.md section 3).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .backbones import adapter_for
+from .config import ConfigError, ModelConfig
+from .denoiser import Denoiser
+from .generator import FewStepGenerator
+from .heads import ConvHead
+from .schedules import from_diffusers, prediction_type_of
+from .timesteps import from_timesteps
+
+ASSETS = Path(__file__).parent / "assets"
+DIGITS_TEACHER = ASSETS / "digits_teacher"
+MODEL_FOLDERS = ("unet", "transformer")
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@dataclass
+class Teacher:
+    """A loaded teacher: its denoiser plus what export needs to rebuild a pipeline around a student."""
+
+    denoiser: Denoiser
+    path: Path
+    folder: str                 # "unet" or "transformer"
+    scheduler_config: dict
+
+
+def teacher_path(name: str) -> Path:
+    """Resolve ``--model.teacher`` ("" = the bundled digits teacher) to a local diffusers directory."""
+    path = Path(name) if name else DIGITS_TEACHER
+    if not path.is_dir():
+        raise ConfigError(f"teacher {str(path)!r} is not a directory; give a local diffusers pipeline folder "
+                          "(with scheduler/ and unet/ or transformer/) or leave --model.teacher empty for the "
+                          "bundled digits teacher (no downloads happen at run time)")
+    return path
+
+
+def load_teacher(cfg: ModelConfig) -> Teacher:
+    """Load the teacher's backbone and scheduler from a diffusers directory and wrap them in a Denoiser."""
+    import diffusers
+
+    path = teacher_path(cfg.teacher)
+    folder = next((f for f in MODEL_FOLDERS if (path / f / "config.json").is_file()), None)
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    if folder is None or not sched_file.is_file():
+        raise ConfigError(f"teacher {str(path)!r} lacks unet/config.json (or transformer/config.json) and "
+                          "scheduler/scheduler_config.json; point --model.teacher at a saved diffusers pipeline")
+    class_name = json.loads((path / folder / "config.json").read_text())["_class_name"]
+    model_cls = getattr(diffusers, class_name, None)
+    if model_cls is None:
+        raise ConfigError(f"teacher backbone class {class_name!r} is not in this diffusers version")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.teacher_dtype]
+    model = model_cls.from_pretrained(path, subfolder=folder, torch_dtype=dtype).eval().requires_grad_(False)
+    sched = json.loads(sched_file.read_text())
+    denoiser = Denoiser(adapter_for(model, prediction_type_of(sched)), from_diffusers(sched))
+    return Teacher(denoiser, path, folder, sched)
+
+
+def student_times(teacher: Teacher, cfg: ModelConfig) -> torch.Tensor:
+    try:
+        return from_timesteps(cfg.student_timesteps, teacher.denoiser.schedule)
+    except ValueError as e:
+        raise ConfigError(f"--model.student_timesteps: {e}") from None
+
+
+def _copy(teacher: Teacher, adapter=None) -> Denoiser:
+    model = copy.deepcopy(teacher.denoiser.backbone.model).float().requires_grad_(True).train()
+    return Denoiser(adapter_for(model, teacher.denoiser.prediction_type), teacher.denoiser.schedule, adapter)
+
+
+def make_student(teacher: Teacher, cfg: ModelConfig, init_scale: float = 1.0) -> FewStepGenerator:
+    """The student generator, initialized from the teacher (DMD2 section 5)."""
+    t_list = student_times(teacher, cfg)
+    if cfg.mode == "lora":
+        return FewStepGenerator(_lora_role(teacher, "student", cfg.lora_rank), t_list, init_scale)
+    return FewStepGenerator(_copy(teacher), t_list, init_scale)
+
+
+def make_critic(teacher: Teacher, cfg: ModelConfig) -> Denoiser:
+    """The fake-score network (critic), initialized from the teacher."""
+    if cfg.mode == "lora":
+        return _lora_role(teacher, "critic", cfg.lora_rank)
+    return _copy(teacher)
+
+
+def make_head(critic: Denoiser, cfg: ModelConfig):
+    """A discriminator head on the critic's bottleneck, or None when ``model.gan_head`` is off."""
+    return ConvHead(critic.backbone.feature_channels()) if cfg.gan_head else None
+
+
+def _lora_role(teacher: Teacher, name: str, rank: int) -> Denoiser:
+    """Add a peft adapter ``name`` to the teacher's (frozen) base and return a Denoiser that activates it.
+
+    The teacher denoiser is switched to ``adapter=False`` so it runs the base with adapters disabled.
+    """
+    from peft import LoraConfig
+
+    model = teacher.denoiser.backbone.model
+    if model.dtype != torch.float32:
+        raise ConfigError("lora mode keeps the base in the teacher's dtype and trains fp32 adapters; "
+                          "use --model.teacher_dtype float32 with lora on CPU")
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                 target_modules=LORA_TARGETS), adapter_name=name)
+    teacher.denoiser.adapter = False
+    return Denoiser(teacher.denoiser.backbone, teacher.denoiser.schedule, adapter=name)
+
+
+def accelerator(mixed_precision: str, project_dir: str):
+    """An accelerate Accelerator with tensorboard logging and unused-parameter-tolerant DDP (each turn
+    touches a subset of the method's parameters)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    log_with = None
+    try:
+        import tensorboard  # noqa: F401
+        log_with = "tensorboard"
+    except ImportError:
+        pass
+    return Accelerator(mixed_precision=mixed_precision, log_with=log_with,
+                       project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=f"{project_dir}/logs"),
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])

@@ -1,0 +1,227 @@
+"""Typed run configuration, dotted CLI overrides and ``--help``.
+
+Configs are nested dataclasses; presets (``presets.py``) are functions returning a full ``RunConfig``;
+``--section.field value`` (or ``--section.field=value``) overrides one field with the value coerced to
+the field's type. Every mistake raises ``ConfigError`` with a one-line message naming the value and the
+fix; entry scripts turn it into exit code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A bad configuration value, preset, override or output directory (exit code 2)."""
+
+
+@dataclass
+class ModelConfig:
+    teacher: str = ""                              # diffusers directory or hub id; "" = bundled digits teacher
+    mode: str = "full"                             # full: separate copies; lora: one frozen base + adapters
+    lora_rank: int = 16
+    student_timesteps: tuple[int, ...] = (999,)    # the student's t-list in the teacher's timestep units
+    teacher_dtype: str = "float32"                 # float32 | bfloat16 (frozen teacher storage)
+    gan_head: bool = True                          # build a discriminator head on the critic's bottleneck
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"                         # digits: class labels + real digits for the GAN
+    batch_size: int = 32                           # per process, per micro-batch
+    prompts: str = ""                              # prompt file (text-to-image presets)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/dmd2_digits"
+    max_steps: int = 1000                          # optimizer steps of the fastest turn (critic for DMD2)
+    seed: int = 0
+    grad_accum: int = 1                            # micro-batches per update, per turn
+    max_grad_norm: float = 10.0
+    ema_decay: float = 0.99                        # student EMA; 0 disables it
+    log_every: int = 10
+    sample_every: int = 250
+    checkpoint_every: int = 250
+    keep_last: int = 2
+    keep_every: int = 0                            # also keep every M-th step's checkpoint (0: none)
+    max_nonfinite: int = 5                         # stop after this many non-finite updates in a row
+    mixed_precision: str = "no"                    # no | bf16
+    overwrite: bool = False                        # start afresh in an output_dir that holds another run
+    evaluate: bool = True                          # write metrics.json after training (digits)
+    eval_samples: int = 2000
+
+
+@dataclass
+class RunConfig:
+    method_name: str
+    method: typing.Any
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: dict = field(default_factory=lambda: {"student": OptimConfig(), "critic": OptimConfig()})
+    preset: str = ""
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+RESUME_SAFE = ("train.max_steps", "train.overwrite", "train.evaluate", "train.eval_samples", "train.log_every",
+               "train.sample_every", "train.checkpoint_every", "train.keep_last", "train.keep_every",
+               "train.max_nonfinite")
+
+
+def _coerce(raw: str, typ, key: str):
+    origin = typing.get_origin(typ)
+    try:
+        if typ is bool:
+            low = raw.lower()
+            if low not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return low in ("true", "1", "yes")
+        if typ in (int, float, str):
+            return typ(raw)
+        if origin is tuple:
+            inner = typing.get_args(typ)[0]
+            parts = [p for p in raw.strip("[]() ").replace(",", " ").split()]
+            return tuple(inner(p) for p in parts)
+    except ValueError:
+        pass
+    else:
+        raise ConfigError(f"--{key}: unsupported field type {typ}")
+    name = getattr(typ, "__name__", str(typ))
+    raise ConfigError(f"--{key} {raw!r} is not a valid {name}; example: --{key} {_example(typ)}")
+
+
+def _example(typ) -> str:
+    return {bool: "true", int: "10", float: "0.5", str: "text"}.get(typ, "999,749,499,249")
+
+
+def _fields(obj) -> dict[str, tuple[typing.Any, typing.Any]]:
+    """name -> (type, value) of a dataclass instance or the entries of an optimizer dict."""
+    if isinstance(obj, dict):
+        return {k: (OptimConfig, v) for k, v in obj.items()}
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: (hints[f.name], getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+
+
+def flatten(cfg, prefix: str = "") -> dict[str, typing.Any]:
+    """Dotted key -> value for every leaf field."""
+    out = {}
+    for name, (_, value) in _fields(cfg).items():
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(value) or isinstance(value, dict):
+            out.update(flatten(value, key + "."))
+        elif name not in ("method_name", "preset"):
+            out[key] = value
+    return out
+
+
+def set_override(cfg: RunConfig, key: str, raw: str) -> None:
+    """Apply ``--key raw`` to ``cfg`` in place, or raise ConfigError naming the key and close matches."""
+    node, parts = cfg, key.split(".")
+    for i, part in enumerate(parts):
+        fields_ = _fields(node)
+        if part not in fields_ or part in ("method_name", "preset"):
+            known = list(flatten(cfg))
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f"did you mean {', '.join('--' + c for c in close)}?" if close else "see --help for every field"
+            raise ConfigError(f"unknown option --{key}; {hint}")
+        typ, value = fields_[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(value) or isinstance(value, dict):
+                raise ConfigError(f"--{key} is a section; set one of its fields, e.g. --{key}.{next(iter(_fields(value)))}")
+            new = _coerce(raw, typ, key)
+            if isinstance(node, dict):
+                raise ConfigError(f"--{key}: give a field, e.g. --{key}.lr")
+            setattr(node, part, new)
+        else:
+            node = value
+
+
+def parse(argv: list[str], presets: dict, default_preset: str) -> tuple[RunConfig, bool]:
+    """``[--preset NAME] [--dry-run] [--section.field VALUE ...]`` -> (config, dry_run)."""
+    argv = list(argv)
+    name, dry, pairs = default_preset, False, []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; options look like --train.max_steps 100")
+        key, eq, val = arg[2:].partition("=")
+        if key == "dry-run":
+            dry = True
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError(f"--{key} needs a value, e.g. --{key} <value>")
+            val, i = argv[i + 1], i + 1
+        i += 1
+        if key == "preset":
+            name = val
+        else:
+            pairs.append((key, val))
+    if name not in presets:
+        close = difflib.get_close_matches(name, list(presets), n=3)
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(sorted(presets))}"
+                          + (f" (did you mean {close[0]!r}?)" if close else ""))
+    cfg = presets[name]()
+    cfg.preset = name
+    for key, val in pairs:
+        set_override(cfg, key, val)
+    validate(cfg)
+    return cfg, dry
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that would otherwise fail deep inside torch."""
+    t = cfg.train
+    for key in ("max_steps", "grad_accum", "log_every", "sample_every", "checkpoint_every", "keep_last"):
+        if getattr(t, key) < (0 if key in ("max_steps",) else 1):
+            raise ConfigError(f"--train.{key} {getattr(t, key)} must be at least 1")
+    if cfg.data.batch_size < 1:
+        raise ConfigError(f"--data.batch_size {cfg.data.batch_size} must be at least 1")
+    if cfg.model.mode not in ("full", "lora"):
+        raise ConfigError(f"--model.mode {cfg.model.mode!r} is not valid; use full or lora")
+    if cfg.train.mixed_precision not in ("no", "bf16"):
+        raise ConfigError(f"--train.mixed_precision {cfg.train.mixed_precision!r} is not valid; use no or bf16")
+    if cfg.model.teacher_dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"--model.teacher_dtype {cfg.model.teacher_dtype!r} is not valid; use float32 or bfloat16")
+    if not (0.0 <= t.ema_decay < 1.0):
+        raise ConfigError(f"--train.ema_decay {t.ema_decay} must be in [0, 1)")
+    ts = cfg.model.student_timesteps
+    if not ts or any(b >= a for a, b in zip(ts, ts[1:])):
+        raise ConfigError(f"--model.student_timesteps {list(ts)} must be non-empty and strictly descending, "
+                          "e.g. 999,749,499,249")
+    for k, o in cfg.optim.items():
+        if not o.lr > 0:
+            raise ConfigError(f"--optim.{k}.lr {o.lr} must be positive")
+
+
+def help_text(prog: str, doc: str, presets: dict, default_preset: str) -> str:
+    """Every field with its default (from the default preset), plus the presets."""
+    cfg = presets[default_preset]()
+    lines = [doc.strip(), "", f"usage: accelerate launch {prog} [--preset NAME] [--dry-run] [--section.field VALUE ...]",
+             "", f"presets: {', '.join(sorted(presets))} (default: {default_preset})", "",
+             f"fields (defaults of preset {default_preset}):"]
+    lines += [f"  --{k} {json.dumps(v) if not isinstance(v, str) else repr(v)}" for k, v in flatten(cfg).items()]
+    return "\n".join(lines)
+
+
+def diff(a: dict, b: dict) -> list[str]:
+    """Dotted keys whose values differ between two flattened configs, ignoring resume-safe fields."""
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if k not in RESUME_SAFE and a.get(k) != b.get(k)]

@@ -1,0 +1,87 @@
+"""Digits evaluation shared by the training scripts' ``metrics.json`` and ``eval/benchmark.py``.
+
+Scores any class-conditional pipeline directory (teacher or student) with the bundled digits net: class
+accuracy of generated samples and FD-digits (Frechet distance in the digits net's feature space; not FID),
+mean and spread over seeds, plus throughput measured after a warm-up as the median of repeated runs.
+Every image has its own generator seed, so figures do not depend on the batch size.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from . import metrics
+
+
+def load_pipeline(path):
+    """A FewStepClassPipeline from a teacher or student directory, without trust_remote_code."""
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    from fewstep_pipelines import FewStepClassPipeline, FewStepScheduler
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    sched_cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    sched_cls = FewStepScheduler if sched_cfg.get("_class_name") == "FewStepScheduler" else DDIMScheduler
+    unet = UNet2DModel.from_pretrained(path, subfolder="unet").eval()
+    pipe = FewStepClassPipeline(unet=unet, scheduler=sched_cls.from_pretrained(path, subfolder="scheduler"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, n: int, seed: int, steps: int | None = None, guidance_scale: float = 1.0,
+             batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` images (10 classes, equal counts) in [-1, 1] and their labels; image i uses seed ``seed*10^6+i``."""
+    labels = torch.arange(n) % 10
+    out = []
+    for lo in range(0, n, batch_size):
+        idx = range(lo, min(n, lo + batch_size))
+        gens = [torch.Generator().manual_seed(seed * 1_000_000 + i) for i in idx]
+        x = pipe(labels[lo:lo + len(idx)].tolist(), num_inference_steps=steps, guidance_scale=guidance_scale,
+                 generator=gens, output_type="pt").images
+        out.append(x * 2 - 1)
+    return torch.cat(out), labels
+
+
+def score(pipe, n: int = 2000, seeds=(0, 1, 2), steps: int | None = None, guidance_scale: float = 1.0) -> dict:
+    """Class accuracy and FD-digits, mean and standard deviation over ``seeds``."""
+    net = metrics.load_digits_net()
+    ref = metrics.real_stats(net)
+    accs, fds = [], []
+    for s in seeds:
+        x, y = generate(pipe, n, s, steps, guidance_scale)
+        accs.append(metrics.class_accuracy(x, y, net))
+        fds.append(metrics.fd_digits(x, net, reference=ref))
+    return {"accuracy": float(np.mean(accs)), "accuracy_std": float(np.std(accs)),
+            "fd_digits": float(np.mean(fds)), "fd_digits_std": float(np.std(fds)), "fd_digits_per_seed": fds,
+            "num_samples": n, "seeds": list(seeds)}
+
+
+def throughput(pipe, steps: int | None = None, guidance_scale: float = 1.0, batch: int = 100,
+               repeats: int = 3) -> dict:
+    """Images per second at ``batch`` images per call, after one warm-up call; median and spread."""
+    labels = (torch.arange(batch) % 10).tolist()
+    run = lambda: pipe(labels, num_inference_steps=steps, guidance_scale=guidance_scale,  # noqa: E731
+                       generator=torch.Generator().manual_seed(0), output_type="pt")
+    run()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    rates = [batch / t for t in times]
+    return {"images_per_s": statistics.median(rates), "images_per_s_min": min(rates),
+            "images_per_s_max": max(rates), "batch": batch, "repeats": repeats}
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process in MB (CPU), or the CUDA peak when on GPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

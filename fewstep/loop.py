@@ -1,0 +1,129 @@
+"""The one training loop: turns, per-turn gradient accumulation, clipping, EMA, logging, samples,
+checkpoints and resume. It knows turns, not methods (DESIGN.md section 3).
+
+Gradient accumulation is done by hand per turn: accelerate's ``accumulate()`` shares one counter across
+optimizers and silently skips updates when turns run at different rates (ecosystem notes, accelerate).
+All randomness of a step comes from per-sample seeds (``Batch.seeds``), so a resumed run equals an
+uninterrupted one and the result does not depend on how the global batch is split.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint, optim
+from .config import RunConfig
+from .ema import EMA
+
+
+class NonFiniteError(RuntimeError):
+    """Raised after ``train.max_nonfinite`` consecutive updates with a non-finite loss or gradient."""
+
+
+def _set_turn(params: dict, turn: str) -> None:
+    """Only the parameters of ``turn`` require gradients while it runs."""
+    for name, ps in params.items():
+        if name != turn:
+            for p in ps:
+                p.requires_grad_(False)
+    for p in params[turn]:
+        p.requires_grad_(True)
+
+
+def _state(method, opts, ema, step, nonfinite) -> dict:
+    return {"step": step, "nonfinite": nonfinite,
+            "modules": {k: m.state_dict() for k, m in method.checkpoint_modules().items()},
+            "optimizers": {k: o.state_dict() for k, (o, _) in opts.items()},
+            "schedulers": {k: s.state_dict() for k, (_, s) in opts.items()},
+            "ema": ema.state_dict() if ema is not None else None}
+
+
+def _restore(state, method, opts, ema) -> tuple[int, int]:
+    for k, m in method.checkpoint_modules().items():
+        m.load_state_dict(state["modules"][k])
+    for k, (o, s) in opts.items():
+        o.load_state_dict(state["optimizers"][k])
+        s.load_state_dict(state["schedulers"][k])
+    if ema is not None and state["ema"] is not None:
+        ema.load_state_dict(state["ema"])
+    return state["step"], state["nonfinite"]
+
+
+def train(cfg: RunConfig, method, data, accelerator, on_sample=None, on_checkpoint=None) -> dict:
+    """Run ``cfg.train.max_steps`` steps of ``method`` on batches from ``data`` (see ``fewstep.data``).
+
+    ``on_sample(step, ema)`` is called every ``sample_every`` steps on the main process; returns the EMA
+    (or None) so callers can sample or export with averaged weights.
+    """
+    t = cfg.train
+    params = method.trainable()
+    opts = {turn.name: optim.build(params[turn.name], cfg.optim[turn.name]) for turn in method.turns}
+    ema = EMA(params["student"], t.ema_decay) if t.ema_decay > 0 and "student" in params else None
+    model = accelerator.prepare(method)
+    ckpt_dir = Path(t.output_dir) / "checkpoints"
+    step, nonfinite = 0, 0
+    last = checkpoint.latest(ckpt_dir)
+    if last is not None:
+        step, nonfinite = _restore(checkpoint.load(last), method, opts, ema)
+        accelerator.print(f"resumed from {last} (step {step})")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    bar = tqdm(total=t.max_steps, initial=step, disable=not accelerator.is_main_process, desc=cfg.method_name,
+               dynamic_ncols=True)
+    updates = {turn.name: 0 for turn in method.turns}
+    while step < t.max_steps:
+        logs = {}
+        for ti, turn in enumerate(method.turns):
+            if step % turn.every:
+                continue
+            _set_turn(params, turn.name)
+            opt, sched = opts[turn.name]
+            opt.zero_grad(set_to_none=True)
+            for micro in range(t.grad_accum):
+                batch = data.batch(step, ti, micro, rank, world).to(accelerator.device)
+                sync = accelerator.no_sync(model) if micro < t.grad_accum - 1 else nullcontext()
+                with sync, accelerator.autocast():
+                    loss, turn_logs = model(turn.name, batch, step)
+                    accelerator.backward(loss / t.grad_accum)
+            grad_norm = accelerator.clip_grad_norm_(params[turn.name], t.max_grad_norm)
+            finite = torch.tensor(float(torch.isfinite(loss.detach()).item() and math.isfinite(float(grad_norm))),
+                                  device=accelerator.device)
+            if accelerator.reduce(finite, "min").item() > 0:   # every rank agrees to step or to skip
+                opt.step()
+                sched.step()
+                updates[turn.name] += 1
+                nonfinite = 0
+                if turn.name == "student" and ema is not None:
+                    ema.update()
+            else:
+                nonfinite += 1
+                logs["nonfinite/count"] = nonfinite
+                if nonfinite >= t.max_nonfinite:
+                    raise NonFiniteError(f"{nonfinite} consecutive non-finite updates (last in turn {turn.name!r} at "
+                                         f"step {step}); lower the learning rate or check the data. The last "
+                                         f"checkpoint ({checkpoint.latest(ckpt_dir)}) is intact.")
+            opt.zero_grad(set_to_none=True)
+            logs.update({k: float(v) for k, v in turn_logs.items()})
+            logs[f"loss/{turn.name}"] = float(loss.detach())
+            logs[f"grad_norm/{turn.name}"] = float(grad_norm)
+            logs[f"lr/{turn.name}"] = sched.get_last_lr()[0]
+        method.after_step(step)
+        step += 1
+        bar.update(1)
+        if step % t.log_every == 0 or step == t.max_steps:
+            logs.update({f"updates/{k}": v for k, v in updates.items()})
+            accelerator.log(logs, step=step)
+            bar.set_postfix({k.split("/", 1)[1]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss/")
+                             and k.count("/") == 1})
+        if accelerator.is_main_process and on_sample is not None and (step % t.sample_every == 0):
+            on_sample(step, ema)
+        if step % t.checkpoint_every == 0 or step == t.max_steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                checkpoint.save(ckpt_dir, step, _state(method, opts, ema, step, nonfinite), t.keep_last, t.keep_every)
+            accelerator.wait_for_everyone()
+    bar.close()
+    return {"step": step, "updates": updates, "ema": ema}

@@ -1,0 +1,24 @@
+"""Distill a diffusers teacher into a one- or few-step generator with DMD2 (arXiv 2405.14867).
+
+With no arguments it distills the bundled digits teacher into a one-step student on a CPU in minutes.
+
+Examples:
+    accelerate launch train/dmd2.py
+    accelerate launch train/dmd2.py --preset digits_dmd2_4step          # 4 steps: 999, 749, 499, 249
+    accelerate launch train/dmd2.py --method.guidance_scale 3 --train.max_steps 500
+    accelerate launch train/dmd2.py --preset sd15_dmd2 --model.teacher /path/to/sd15
+    python train/dmd2.py --help
+"""
+from fewstep import build
+from fewstep.cli import run
+from fewstep.methods.dmd2 import DMD2
+
+
+def make_method(cfg, teacher):
+    critic = build.make_critic(teacher, cfg.model)
+    return DMD2(cfg.method, teacher.denoiser, build.make_student(teacher, cfg.model), critic,
+                build.make_head(critic, cfg.model))
+
+
+if __name__ == "__main__":
+    run("dmd2", __doc__, "train/dmd2.py", "digits_dmd2", make_method)
