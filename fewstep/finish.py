@@ -77,8 +77,11 @@ def export_student(cfg: RunConfig, teacher, method, ema) -> Path:
     if hasattr(unet, "peft_config"):
         unet.fuse_lora()
         unet.unload_lora()
-    sched = fewstep_scheduler_for(teacher.scheduler_config, list(cfg.model.student_timesteps),
-                                  init_noise_scale=method.student.init_scale)
+    ts = list(cfg.model.student_timesteps)
+    if hasattr(method, "export_scheduler"):     # methods whose sampler differs (e.g. consistency boundary scalings)
+        sched = method.export_scheduler(teacher.scheduler_config, ts)
+    else:
+        sched = fewstep_scheduler_for(teacher.scheduler_config, ts, init_noise_scale=method.student.init_scale)
     pipe = class_pipeline_from_unet(unet, sched)
     tmp = out / ".export-tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,257 @@
+"""FewStepScheduler: sampling with a few-step student's explicit timestep list.
+
+A few-step student (DMD2, arXiv 2405.14867, section 4.3 "multi-step generator"; consistency
+models / LCM, arXiv 2310.04378, Algorithm 1 "multistep consistency sampling"; few-step SiD)
+is trained on a fixed descending list of timesteps t_1 > ... > t_K. Sampling is:
+
+    x0_k   = to_x0(student(x_k, t_k))                  (every prediction type pivots on x0)
+    x_{k+1} = alpha(t_{k+1}) x0_k + sigma(t_{k+1}) eps,  eps ~ N(0, I)   ("x0 then re-noise")
+
+and the last x0 is the sample. Two noise processes are supported:
+
+* "vp": x_t = alpha_t x0 + sigma_t eps with alpha_t = sqrt(abar_k), sigma_t = sqrt(1 - abar_k) at
+  integer timestep k, abar from the DDPM beta schedules (Ho et al. 2020; scaled_linear of
+  latent diffusion; squaredcos_cap_v2 of Nichol & Dhariwal 2021, arXiv 2102.09672, eq. 17).
+* "flow": rectified flow, s = k / num_train_timesteps, x_t = (1 - s) x0 + s eps; the model predicts
+  u = eps - x0 ("flow_prediction"), so x0 = x_t - s u.
+
+This file imports only torch, numpy and diffusers so that it can be copied alone into an
+exported pipeline directory and loaded with `trust_remote_code=True`.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
+# which prediction types are defined for which process (v is a VP notion, u = eps - x0 a flow one)
+ALLOWED_PREDICTIONS = {
+    "vp": ("epsilon", "v_prediction", "sample"),
+    "flow": ("flow_prediction", "epsilon", "sample"),
+}
+
+
+@dataclass
+class FewStepSchedulerOutput(BaseOutput):
+    """Output of `FewStepScheduler.step`: the next sample and the x0 estimate it was built from."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+
+def vp_betas(num_train_timesteps, beta_start, beta_end, beta_schedule):
+    """DDPM beta schedules as diffusers' DDPMScheduler defines them, in float32."""
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+    if beta_schedule == "scaled_linear":
+        # linear in sqrt(beta): the latent-diffusion schedule
+        return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+        # betas that discretize abar(t) = cos^2((t + 0.008) / 1.008 * pi / 2), each capped at 0.999
+        def abar(t):
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        n = num_train_timesteps
+        betas = [min(1.0 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)]
+        return torch.tensor(betas, dtype=torch.float32)
+    raise ValueError(
+        f"beta_schedule={beta_schedule!r} is not supported; use 'linear', 'scaled_linear' or 'squaredcos_cap_v2'."
+    )
+
+
+class FewStepScheduler(SchedulerMixin, ConfigMixin):
+    """Explicit-timestep "x0 then re-noise" sampler for few-step students (VP or rectified flow).
+
+    `train_timesteps` is the student's descending t-list (VP: ints in [0, T-1], e.g. [999, 749, 499, 249];
+    flow: floats in (0, T]). `init_noise_scale` becomes `init_noise_sigma`, the factor pipelines apply to
+    the initial unit noise (a SiD student whose input is sigma_t z sets it to that sigma_t).
+    """
+
+    _compatibles = []
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        process: str = "vp",
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        prediction_type: str = "epsilon",
+        train_timesteps=None,
+        init_noise_scale: float = 1.0,
+    ):
+        if process not in ALLOWED_PREDICTIONS:
+            raise ValueError(f"process={process!r} is not supported; use 'vp' or 'flow'.")
+        if prediction_type not in ALLOWED_PREDICTIONS[process]:
+            raise ValueError(
+                f"prediction_type={prediction_type!r} is not defined for process={process!r}; "
+                f"use one of {list(ALLOWED_PREDICTIONS[process])}."
+            )
+        if process == "vp":
+            betas = vp_betas(num_train_timesteps, beta_start, beta_end, beta_schedule)
+            self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        else:
+            self.alphas_cumprod = None
+        if train_timesteps is not None:
+            train_timesteps = self._check_timesteps(train_timesteps, "train_timesteps")
+            # store a plain list so the config is JSON-serializable whatever was passed in
+            self.register_to_config(train_timesteps=train_timesteps)
+        self.init_noise_sigma = float(init_noise_scale)
+        self.num_inference_steps = None
+        self.timesteps = self._as_tensor(train_timesteps) if train_timesteps is not None else None
+
+    def __len__(self):
+        return self.config.num_train_timesteps
+
+    # ---------------------------------------------------------------- timesteps
+
+    def _check_timesteps(self, timesteps, name):
+        """Validate a descending t-list for this process; return it as a list of Python numbers."""
+        if isinstance(timesteps, torch.Tensor):
+            timesteps = timesteps.tolist()
+        values = [float(t) for t in np.asarray(timesteps, dtype=np.float64).reshape(-1)]
+        if not values:
+            raise ValueError(f"{name} is empty; pass a descending list such as [999, 749, 499, 249].")
+        T = self.config.num_train_timesteps
+        for t in values:
+            if self.config.process == "vp" and (t != round(t) or not 0 <= t <= T - 1):
+                raise ValueError(f"{name} contains {t:g}; VP timesteps must be integers in [0, {T - 1}].")
+            if self.config.process == "flow" and not 0 < t <= T:
+                raise ValueError(f"{name} contains {t:g}; flow timesteps must lie in (0, {T}].")
+        for a, b in zip(values, values[1:]):
+            if not a > b:
+                raise ValueError(f"{name} is not strictly descending at {a:g} -> {b:g}; pass it largest first.")
+        if self.config.process == "vp":
+            return [int(round(t)) for t in values]
+        return values
+
+    def _as_tensor(self, timesteps, device=None):
+        dtype = torch.int64 if self.config.process == "vp" else torch.float32
+        return torch.tensor(timesteps, dtype=dtype, device=device)
+
+    def _trained_list(self, n):
+        """The student's t-list, or trailing spacing over [0, T] when no list was trained."""
+        if self.config.train_timesteps is not None:
+            return list(self.config.train_timesteps)
+        T = self.config.num_train_timesteps
+        if self.config.process == "vp":
+            return [int(round(t)) - 1 for t in np.linspace(T, 0, n, endpoint=False)]
+        return [float(t) for t in np.linspace(T, 0, n, endpoint=False)]
+
+    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None):
+        """Pick the sampling t-list: all trained steps, an evenly strided subset, or an explicit list."""
+        if timesteps is not None:
+            chosen = self._check_timesteps(timesteps, "timesteps")
+            if num_inference_steps is not None and num_inference_steps != len(chosen):
+                raise ValueError(
+                    f"num_inference_steps={num_inference_steps} disagrees with timesteps={chosen}; pass only one."
+                )
+        else:
+            chosen = self._subset(num_inference_steps)
+        self.num_inference_steps = len(chosen)
+        self.timesteps = self._as_tensor(chosen, device=device)
+
+    def _subset(self, n):
+        trained = self.config.train_timesteps
+        if n is None:
+            if trained is None:
+                raise ValueError(
+                    "num_inference_steps=None but this scheduler has no train_timesteps; "
+                    "pass num_inference_steps or timesteps=[...]."
+                )
+            return list(trained)
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            hint = f" up to {len(trained)} (trained on {list(trained)})" if trained is not None else ""
+            raise ValueError(f"num_inference_steps={n!r} is invalid; pass a positive integer{hint}.")
+        if trained is None and n > self.config.num_train_timesteps:
+            raise ValueError(
+                f"num_inference_steps={n} exceeds num_train_timesteps={self.config.num_train_timesteps}; "
+                "pass fewer steps."
+            )
+        full = self._trained_list(int(n))
+        K = len(full)
+        if n > K:
+            raise ValueError(
+                f"num_inference_steps={n} exceeds the {K} steps the student was trained on ({full}); "
+                f"pass num_inference_steps <= {K} or an explicit timesteps=[...] list."
+            )
+        # evenly strided subset that always keeps the first (noisiest) trained step
+        idx = np.round(np.linspace(0, K, int(n), endpoint=False)).astype(int)
+        return [full[i] for i in idx]
+
+    # ---------------------------------------------------------------- noise process
+
+    def alpha_sigma(self, timestep):
+        """(alpha_t, sigma_t) in float32 for a scalar or 1-D tensor of timesteps."""
+        t = torch.as_tensor(timestep).reshape(-1)
+        if self.config.process == "vp":
+            k = t.round().long() if t.is_floating_point() else t.long()
+            abar = self.alphas_cumprod.to(t.device)[k]
+            return abar.sqrt(), (1.0 - abar).sqrt()
+        s = t.to(torch.float32) / self.config.num_train_timesteps
+        return 1.0 - s, s
+
+    def to_x0(self, model_output, timestep, sample):
+        """Convert a model output at `timestep` into the x0 estimate (float32 maths, sample dtype out)."""
+        alpha, sigma = (_expand(v, sample) for v in self.alpha_sigma(timestep))
+        x_t = sample.to(torch.float32)
+        out = model_output.to(torch.float32)
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            x0 = (x_t - sigma * out) / alpha
+        elif kind == "v_prediction":
+            x0 = alpha * x_t - sigma * out
+        elif kind == "flow_prediction":
+            x0 = x_t - sigma * out
+        else:
+            x0 = out
+        return x0.to(sample.dtype)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        """Forward process x_t = alpha_t x0 + sigma_t eps, one timestep per sample (or one for all)."""
+        alpha, sigma = (_expand(v, original_samples) for v in self.alpha_sigma(timesteps))
+        x_t = alpha * original_samples.to(torch.float32) + sigma * noise.to(torch.float32)
+        return x_t.to(original_samples.dtype)
+
+    def scale_model_input(self, sample, timestep=None):
+        """Identity: the student sees x_t unscaled (kept for diffusers pipeline compatibility)."""
+        return sample
+
+    # ---------------------------------------------------------------- sampling
+
+    def _index_of(self, timestep):
+        if self.timesteps is None:
+            raise ValueError("FewStepScheduler.step called before set_timesteps; call set_timesteps first.")
+        t = float(torch.as_tensor(timestep).reshape(-1)[0])
+        gaps = (self.timesteps.cpu().to(torch.float64) - t).abs()
+        i = int(torch.argmin(gaps))
+        if gaps[i] > 1e-3:
+            raise ValueError(f"timestep {t:g} is not in scheduler.timesteps {self.timesteps.tolist()}.")
+        return i
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        """One few-step update: x0 from the model output, then re-noise to the next listed timestep."""
+        i = self._index_of(timestep)
+        x0 = self.to_x0(model_output, timestep, sample)
+        if i == len(self.timesteps) - 1:
+            prev_sample = x0
+        else:
+            eps = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+            prev_sample = self.add_noise(x0, eps, self.timesteps[i + 1])
+        if not return_dict:
+            return prev_sample, x0
+        return FewStepSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+
+def _expand(v, like):
+    """Broadcast a per-sample (or single) float32 coefficient over the trailing dims of `like`."""
+    v = v.to(device=like.device, dtype=torch.float32)
+    return v.reshape(-1, *([1] * (like.ndim - 1)))
