@@ -86,6 +86,7 @@ def run(method_name: str, doc: str, prog: str, default_preset: str, make_method,
     try:
         teacher = build.load_teacher(cfg.model)
         source = make_source(cfg, teacher)
+        torch.manual_seed(cfg.train.seed)    # initialization of new modules (heads, adapters)
         method = make_method(cfg, teacher)
     except C.ConfigError as e:
         fail(e)

@@ -41,6 +41,7 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     weight_decay: float = 0.01
+    eps: float = 1e-8
     warmup_steps: int = 0
 
 

@@ -85,3 +85,56 @@ def peak_memory_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def is_class_pipeline_dir(path) -> bool:
+    """True for a class-conditional pixel pipeline directory (a UNet2DModel with class embeddings, no text
+    encoder): the bundled teacher and its students. Text-to-image directories return False."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    unet_cfg = path / "unet" / "config.json"
+    if not unet_cfg.is_file() or (path / "text_encoder").is_dir():
+        return False
+    cfg = json.loads(unet_cfg.read_text())
+    return cfg.get("_class_name") == "UNet2DModel" and cfg.get("num_class_embeds") is not None
+
+
+def load_any_pipeline(path):
+    """``(pipe, kind)``: a FewStepClassPipeline (kind "class") for class-conditional directories, otherwise
+    the directory's own pipeline through ``DiffusionPipeline.from_pretrained(trust_remote_code=True)``
+    (kind "text")."""
+    if is_class_pipeline_dir(path):
+        return load_pipeline(path), "class"
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(path), trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, "text"
+
+
+def trained_steps(path) -> int | None:
+    """The student's trained step count (length of ``train_timesteps`` in its scheduler config), else None."""
+    import json
+    from pathlib import Path
+
+    cfg_file = Path(path) / "scheduler" / "scheduler_config.json"
+    if not cfg_file.is_file():
+        return None
+    ts = json.loads(cfg_file.read_text()).get("train_timesteps")
+    return len(ts) if ts else None
+
+
+def latency(pipe, steps: int | None = None, guidance_scale: float = 1.0, repeats: int = 10) -> dict:
+    """Seconds per image at batch size 1: median (and spread) of ``repeats`` calls after one warm-up call."""
+    run = lambda i: pipe([i % 10], num_inference_steps=steps, guidance_scale=guidance_scale,  # noqa: E731
+                         generator=torch.Generator().manual_seed(i), output_type="pt")
+    run(0)
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        run(i)
+        times.append(time.perf_counter() - t0)
+    return {"latency_s": statistics.median(times), "latency_s_min": min(times), "latency_s_max": max(times),
+            "latency_repeats": repeats}

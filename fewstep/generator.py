@@ -59,12 +59,17 @@ class FewStepGenerator(nn.Module):
                     x = self.renoise(self.step(x, i, cond), self.t_list[i + 1].expand(len(x)), eps)
         return self.step(x, k, cond), x, k
 
+    def indices(self, n: int) -> list[int]:
+        """Which trained steps an n-step call uses (a subclass exported with another scheduler overrides it
+        to follow that scheduler's rule)."""
+        return subset_indices(self.K, n)
+
     @torch.no_grad()
     def sample(self, noise: Tensor, cond: Cond, generator: torch.Generator | None = None,
                steps: int | None = None) -> Tensor:
         """Full sampling chain; re-noising draws ``randn(x.shape, generator)`` exactly as the exported
         ``FewStepScheduler.step`` does, so both give the same images for the same generator."""
-        idx = subset_indices(self.K, steps or self.K)
+        idx = self.indices(steps or self.K)
         x = noise * self.init_scale
         for j, i in enumerate(idx):
             x0 = self.step(x, i, cond)

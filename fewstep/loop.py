@@ -118,7 +118,7 @@ def train(cfg: RunConfig, method, data, accelerator, on_sample=None, on_checkpoi
             accelerator.log(logs, step=step)
             bar.set_postfix({k.split("/", 1)[1]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss/")
                              and k.count("/") == 1})
-        if accelerator.is_main_process and on_sample is not None and (step % t.sample_every == 0):
+        if accelerator.is_main_process and on_sample is not None and (step % t.sample_every == 0 or step == t.max_steps):
             on_sample(step, ema)
         if step % t.checkpoint_every == 0 or step == t.max_steps:
             accelerator.wait_for_everyone()

@@ -1,0 +1,141 @@
+"""f-distill: One-step Diffusion Models with f-Divergence Distribution Matching (Xu, Nie & Vahdat,
+arXiv 2502.15681), as a delta of DMD2 (``methods/dmd2.py``).
+
+Implements
+- the f-divergence gradient (eq. 8): DMD's score-difference gradient weighted per sample by
+  ``h(r) = f''(r) r^2`` at the density ratio ``r = p_teacher / q_student`` of the noisy sample
+  (``losses.fdiv_weight``: reverse-KL 1, forward-KL r, Jensen-Shannon r/(1+r), squared Hellinger sqrt(r),
+  Jeffreys 1 + r, Neyman 1/r);
+- the ratio from the discriminator (section 3.2): ``r = exp(logit)`` with the logit clamped to
+  [-logit_clip, logit_clip] and ``r`` to [ratio_min, ratio_max] (0.1, 20); the optimum of the
+  non-saturating GAN loss has ``logit = log(p / q)``. The discriminator is DMD2's head on the critic's
+  bottleneck, trained by DMD2's critic turn;
+- the two-stage normalisation (section 3.3): ``r`` divided by a per-t-bin EMA of its mean (``bins`` bins
+  over [t_min, t_max], a registered buffer so checkpoints hold it), then ``h`` divided by its batch mean.
+  Reverse-KL never reads the discriminator, so it reproduces DMD2 bit for bit.
+
+Config fields -> paper symbols: every DMD2 field (same meaning), plus ``divergence`` = f;
+``ratio_min``/``ratio_max`` = the clamp of r; ``logit_clip`` = the clamp of the logit; ``bins`` = the
+number of t bins; ``ratio_ema`` = the EMA rate of the bin means (0 uses each batch's own bin means).
+The normalisations run over one micro-batch (all-reduced across processes when torch.distributed is up).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .. import losses
+from ..conditioning import Batch
+from ..guidance import cfg as guided
+from .dmd2 import DMD2, DMD2Config
+
+
+@dataclass
+class FDistillConfig(DMD2Config):
+    """DMD2's fields plus the f-divergence and its density-ratio normalisation."""
+
+    divergence: str = "js"
+    ratio_min: float = 0.1
+    ratio_max: float = 20.0
+    logit_clip: float = 10.0
+    bins: int = 10
+    ratio_ema: float = 0.5
+
+
+def _all_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over processes (identity in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+class RatioBins(nn.Module):
+    """Per-t-bin EMA of the density ratio's mean; ``mean`` starts at 1 (no rescaling before data)."""
+
+    def __init__(self, bins: int, lo: float, hi: float, rate: float):
+        super().__init__()
+        self.lo, self.hi, self.rate = lo, hi, rate
+        self.register_buffer("mean", torch.ones(bins))
+        self.register_buffer("seen", torch.zeros(bins, dtype=torch.bool))
+
+    def index(self, t: torch.Tensor) -> torch.Tensor:
+        n = len(self.mean)
+        return ((t.float() - self.lo) / max(self.hi - self.lo, 1e-12) * n).floor().long().clamp(0, n - 1)
+
+    @torch.no_grad()
+    def update_and_normalize(self, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Fold this batch's bin means into the EMA (a bin's first batch sets it), then return ``r / mean[bin]``."""
+        idx = self.index(t)
+        n = len(self.mean)
+        sums = _all_sum(torch.zeros(n, device=r.device).index_add_(0, idx, r.float()))
+        counts = _all_sum(torch.zeros(n, device=r.device).index_add_(0, idx, torch.ones_like(r.float())))
+        hit = counts > 0
+        batch_mean = sums[hit] / counts[hit]
+        keep = torch.where(self.seen[hit], torch.full_like(batch_mean, self.rate), torch.zeros_like(batch_mean))
+        self.mean[hit] = keep * self.mean[hit] + (1 - keep) * batch_mean
+        self.seen[hit] = True
+        return r / (self.mean[idx] + 1e-6)
+
+
+class FDistill(DMD2):
+    """DMD2 with the per-sample f-divergence weight ``h(r)`` on the distribution-matching gradient."""
+
+    Config = FDistillConfig
+
+    def __init__(self, cfg: FDistillConfig, teacher, student, critic, head: nn.Module | None = None):
+        super().__init__(cfg, teacher, student, critic, head)
+        self.divergence = losses.F_ALIASES.get(cfg.divergence, cfg.divergence)
+        losses.fdiv_weight(torch.ones(1), self.divergence)   # fail at build time on an unknown name
+        if self.divergence != "reverse_kl" and head is None:
+            raise ValueError(f"f-distill with {cfg.divergence!r} needs the discriminator head for the density "
+                             "ratio: set --model.gan_head true")
+        self.ratio = RatioBins(cfg.bins, cfg.t_min, cfg.t_max, cfg.ratio_ema)
+
+    def checkpoint_modules(self):
+        return {**super().checkpoint_modules(), "ratio": self.ratio}
+
+    def weights(self, logit: torch.Tensor | None, t: torch.Tensor):
+        """``h(r)`` normalised to mean 1 (ones for reverse-KL) and its logs."""
+        c = self.cfg
+        if self.divergence == "reverse_kl":
+            return torch.ones(len(t), device=t.device), {}
+        r = logit.detach().float().clamp(-c.logit_clip, c.logit_clip).exp().clamp(c.ratio_min, c.ratio_max)
+        r_norm = self.ratio.update_and_normalize(r, t)
+        h = losses.fdiv_weight(r_norm, self.divergence, normalize=False)
+        h = h / (_all_sum(h.sum()) / _all_sum(torch.tensor(float(len(h)), device=h.device))).clamp_min(1e-12)
+        return h, {"fdiv/ratio_mean": r.mean(), "fdiv/ratio_normalized_mean": r_norm.mean(),
+                   "fdiv/h_max": h.max(), "fdiv/h_min": h.min()}
+
+    def student_loss(self, batch: Batch, step: int):
+        """DMD2's student loss (``DMD2.student_loss``) with the DM gradient weighted by ``h(r)`` (eq. 8)."""
+        c = self.cfg
+        x, _, k = self.generate(batch, step)
+        x_t, t = self.noised(x, batch, 1, c.t_min, c.t_max)
+        with torch.no_grad():
+            x0_real = guided(self.teacher, x_t.detach(), t, batch.cond, batch.uncond, c.guidance_scale)
+        logit = None
+        if self.use_gan:
+            x0_fake, logit = self.logits(x_t, t, batch.cond)
+            x0_fake = x0_fake.detach()
+        elif self.divergence != "reverse_kl":
+            with torch.no_grad():
+                x0_fake, logit = self.logits(x_t.detach(), t, batch.cond)
+        else:
+            with torch.no_grad():
+                x0_fake = self.critic(x_t.detach(), t, batch.cond)
+        h, hlogs = self.weights(logit, t)
+        loss, logs = losses.dmd_weighted(x, x0_real, x0_fake, h)
+        logs = {"loss/student/dmd": loss.detach(), "student/sim_step": torch.tensor(float(k)), **logs, **hlogs}
+        if self.use_gan:
+            g = losses.gan_g(logit)
+            loss = loss + c.gan_weight_student * g
+            logs["loss/student/gan"] = g.detach()
+        if c.regression_weight > 0 and batch.x0_real is not None:
+            r = torch.nn.functional.mse_loss(x.float(), batch.x0_real.float())
+            loss = loss + c.regression_weight * r
+            logs["loss/student/regression"] = r.detach()
+        return loss, logs

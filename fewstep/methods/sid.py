@@ -1,0 +1,182 @@
+"""SiD: Score identity Distillation (Zhou et al., ICML 2024, arXiv 2404.04057), with Long-and-Short
+Guidance (SiD-LSG, arXiv 2406.01561) and few-step generators (Few-step SiD, arXiv 2505.12674).
+
+Implements
+- the generator loss of SiD (eq. 14 with the normaliser of eq. 19, ``losses.sid``):
+  ``sum (y_real - y_fake) ((y_real - x_g) - alpha (y_real - y_fake)) / w``, ``w = sg(mean|x_g - y_real|)``,
+  with ``y_real = f_phi(x_t)``, ``y_fake = f_psi(x_t)`` the teacher's and critic's x0 predictions at
+  ``x_t = alpha_t x_g + sigma_t eps``; gradients flow through ``x_t`` into both frozen networks;
+- the fake-score (critic) step: denoising loss on detached generator samples (eq. 11); each training step
+  is one critic update and then one generator update (Algorithm 1);
+- the generator input ``x = sigma(t_init) z`` at the time where ``sigma/alpha = sigma_init`` (EDM sigma 2.5;
+  SD's t_init = 625; SiD-LSG section 4) -- ``FewStepGenerator.init_scale`` and ``t_list[0]``;
+- LSG (SiD-LSG section 3, eq. 9-10): guidance ``kappa_1`` for training the critic, ``kappa_2`` / ``kappa_3``
+  for the critic's two terms in the generator loss, ``kappa_4`` for the teacher (all ``u + kappa (c - u)``);
+  ``lsg = "zero_cfg"`` (teacher without CFG, critic without the condition, i.e. kappa_4 = 1, kappa_1..3 = 0)
+  and ``lsg = "anti_cfg"`` (teacher without CFG, negative guidance ``anti_kappa`` on the critic in the
+  generator loss) are the two settings of Few-step SiD (arXiv 2505.12674, abstract and section 4);
+- few-step SiD: the generator has K steps; a step-determined k in 1..K (the same on every rank and after
+  resume) picks which output is matched -- k - 1 no-grad steps from noise, the k-th with gradient --
+  so the student matches the data at a uniform mixture of its steps.
+
+Config fields -> paper symbols: ``alpha`` = alpha (1.2; 1.0 for text-to-image); ``sigma_init`` = sigma_init
+(EDM units; 0 skips the check of ``model.student_timesteps[0]``); ``t_min``/``t_max`` = the range of t for
+the generator loss (LSG: 20/1000 .. 980/1000); ``critic_t_min``/``critic_t_max`` = same for the critic;
+``kappa_1``..``kappa_4`` = LSG's kappa_1..kappa_4; ``lsg`` = "" | "zero_cfg" | "anti_cfg";
+``anti_kappa`` = the critic's negative scale under Anti-CFG (our choice: the paper's value was not found).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import losses, timesteps
+from ..conditioning import Batch, Cond
+from ..config import ConfigError
+from ..denoiser import Denoiser
+from ..generator import FewStepGenerator
+from ..parameterization import from_x0
+from ..schedules import NoiseSchedule
+from .base import Method, Turn
+
+LSG_MODES = ("", "zero_cfg", "anti_cfg")
+
+
+@dataclass
+class SiDConfig:
+    """SiD / SiD-LSG hyperparameters (see the module docstring for the paper symbols)."""
+
+    alpha: float = 1.2
+    sigma_init: float = 2.5
+    t_min: float = 0.02
+    t_max: float = 0.98
+    critic_t_min: float = 0.02
+    critic_t_max: float = 0.98
+    kappa_1: float = 1.0     # critic training
+    kappa_2: float = 1.0     # critic in (y_real - y_fake)
+    kappa_3: float = 1.0     # critic in the alpha term
+    kappa_4: float = 1.0     # teacher
+    lsg: str = ""
+    anti_kappa: float = -1.0
+
+
+def kappas(c: SiDConfig) -> tuple[float, float, float, float]:
+    """(kappa_1, kappa_2, kappa_3, kappa_4) after applying a named LSG setting."""
+    if c.lsg not in LSG_MODES:
+        raise ValueError(f"unknown lsg setting {c.lsg!r}; use '' (the kappas as given), 'zero_cfg' or 'anti_cfg'")
+    if c.lsg == "zero_cfg":
+        return 0.0, 0.0, 0.0, 1.0
+    if c.lsg == "anti_cfg":
+        return 1.0, c.anti_kappa, c.anti_kappa, 1.0
+    return c.kappa_1, c.kappa_2, c.kappa_3, c.kappa_4
+
+
+def guided(denoiser: Denoiser, x_t, t, cond: Cond, uncond: Cond, scales, out: str = "sample") -> list:
+    """``u + k (c - u)`` for each k in ``scales`` from at most one batched pass: conditional only when every
+    k is 1, unconditional only when every k is 0 (Zero-CFG's critic never sees the condition)."""
+    if all(k == 1.0 for k in scales):
+        return [denoiser(x_t, t, cond, out)] * len(scales)
+    if all(k == 0.0 for k in scales):
+        return [denoiser(x_t, t, uncond, out)] * len(scales)
+    t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(len(x_t))
+    d_c, d_u = denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat(cond, uncond), out).chunk(2)
+    return [d_u + k * (d_c - d_u) for k in scales]
+
+
+def init_time(schedule: NoiseSchedule, sigma_init: float) -> float:
+    """The t (on the schedule's own grid) where ``sigma_t / alpha_t`` is closest to ``sigma_init``."""
+    grid = torch.linspace(0, 1, getattr(schedule, "N", 1000))
+    ratio = schedule.sigma(grid) / schedule.alpha(grid).clamp_min(1e-12)
+    return float(grid[(ratio - sigma_init).abs().argmin()])
+
+
+def sid_timesteps(schedule: NoiseSchedule, sigma_init: float = 2.5, K: int = 1) -> tuple[int, ...]:
+    """Student timesteps ``t_i = t_init (1 - i / K)`` (Few-step SiD's grid), in the teacher's units."""
+    n = schedule.N - 1 if schedule.kind == "vp" else schedule.N
+    k0 = round(init_time(schedule, sigma_init) * n)
+    return tuple(round(k0 * (1 - i / K)) for i in range(K))
+
+
+def make_generator(teacher, cfg) -> FewStepGenerator:
+    """The SiD student for a loaded teacher and a RunConfig: input ``sigma(t_0) z``; ``t_0`` is checked
+    against ``method.sigma_init`` so a wrong t-list is a one-line error, not a silently worse run."""
+    from .. import build
+
+    schedule = teacher.denoiser.schedule
+    want = sid_timesteps(schedule, cfg.method.sigma_init)[0] if cfg.method.sigma_init > 0 else None
+    ts = tuple(cfg.model.student_timesteps)
+    if want is not None and abs(ts[0] - want) > 1:
+        raise ConfigError(f"--model.student_timesteps starts at {ts[0]}, but SiD's generator input is at "
+                          f"sigma/alpha = {cfg.method.sigma_init} (timestep {want} for this teacher); pass "
+                          f"--model.student_timesteps {','.join(map(str, sid_timesteps(schedule, cfg.method.sigma_init, len(ts))))}"
+                          " or --method.sigma_init 0 to keep your list")
+    t0 = build.student_times(teacher, cfg.model)[0]
+    return build.make_student(teacher, cfg.model, init_scale=float(schedule.sigma(t0)))
+
+
+class SiD(Method):
+    """Critic and generator turns of SiD / SiD-LSG / few-step SiD over any ``Denoiser``."""
+
+    Config = SiDConfig
+
+    def __init__(self, cfg: SiDConfig, teacher: Denoiser, student: FewStepGenerator, critic: Denoiser):
+        super().__init__()
+        self.cfg = cfg
+        self.kappa = kappas(cfg)
+        self.teacher = teacher.requires_grad_(False)
+        self.student, self.critic = student, critic
+        self.turns = (Turn("critic"), Turn("student"))   # critic first: the generator sees the updated critic
+
+    def trainable(self):
+        return {"student": self.student.denoiser.trainable_parameters(), "critic": self.critic.trainable_parameters()}
+
+    def checkpoint_modules(self):
+        return {"student": self.student, "critic": self.critic}
+
+    def mixture_step(self, step: int) -> int:
+        """Few-step SiD's k - 1: a step-determined index into the t-list (0 for a one-step student)."""
+        return self.draw(step, 29, self.student.K) if self.student.K > 1 else 0
+
+    def forward(self, turn: str, batch: Batch, step: int):
+        if turn == "student":
+            return self.student_loss(batch, step)
+        if turn == "critic":
+            return self.critic_loss(batch, step)
+        raise ValueError(f"SiD has turns 'critic' and 'student', not {turn!r}")
+
+    def generate(self, batch: Batch, step: int):
+        return self.student(batch.noise, batch.cond, self.mixture_step(step),
+                            eps_fn=lambda i: batch.randn_like(batch.noise, 100 + i))
+
+    def noised(self, x0, batch: Batch, salt: int, lo: float, hi: float):
+        """``x_t = alpha x0 + sigma eps`` at ``t ~ U[lo, hi]``, from the batch's per-sample seeds; keeps the
+        graph to ``x0``."""
+        s = self.teacher.schedule
+        t = timesteps.sample("uniform", batch.rand(salt, x0.device), s, lo, hi)
+        return s.add_noise(x0, batch.randn_like(x0, salt + 1), t), t
+
+    def student_loss(self, batch: Batch, step: int):
+        """SiD generator loss (eq. 14/19); no ``no_grad`` around teacher or critic: dL/dx_g runs through
+        x_t into both (the critic's parameters are frozen by the loop for this turn)."""
+        c = self.cfg
+        _, k2, k3, k4 = self.kappa
+        x_g, _, k = self.generate(batch, step)
+        x_t, t = self.noised(x_g, batch, 1, c.t_min, c.t_max)
+        (y_real,) = guided(self.teacher, x_t, t, batch.cond, batch.uncond, (k4,))
+        y_fake, y_fake_2 = guided(self.critic, x_t, t, batch.cond, batch.uncond, (k2, k3))
+        loss, logs = losses.sid(x_g, y_real, y_fake, c.alpha, None if k3 == k2 else y_fake_2)
+        logs = {"loss/student/sid": loss.detach(), "student/mixture_step": torch.tensor(float(k)),
+                "guidance/kappa_4": torch.tensor(k4), "guidance/kappa_2": torch.tensor(k2), **logs}
+        return loss, logs
+
+    def critic_loss(self, batch: Batch, step: int):
+        """Denoising loss of the (kappa_1-guided) fake score on detached generator samples (eq. 11)."""
+        c = self.cfg
+        with torch.no_grad():
+            x_g = self.generate(batch, step)[0]
+        x_t, t = self.noised(x_g, batch, 3, c.critic_t_min, c.critic_t_max)
+        kind = self.critic.prediction_type
+        (pred,) = guided(self.critic, x_t, t, batch.cond, batch.uncond, (self.kappa[0],), kind)
+        loss = losses.dsm(pred, from_x0(x_g, x_t, t, kind, self.critic.schedule))
+        return loss, {"loss/critic/dsm": loss.detach(), "guidance/kappa_1": torch.tensor(self.kappa[0])}
