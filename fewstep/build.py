@@ -24,7 +24,6 @@ from .timesteps import from_timesteps
 ASSETS = Path(__file__).parent / "assets"
 DIGITS_TEACHER = ASSETS / "digits_teacher"
 MODEL_FOLDERS = ("unet", "transformer")
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 @dataclass
@@ -101,18 +100,18 @@ def make_head(critic: Denoiser, cfg: ModelConfig):
 
 
 def _lora_role(teacher: Teacher, name: str, rank: int) -> Denoiser:
-    """Add a peft adapter ``name`` to the teacher's (frozen) base and return a Denoiser that activates it.
+    """Add LoRA adapter ``name`` to the teacher's frozen base and return a Denoiser that activates it.
 
-    The teacher denoiser is switched to ``adapter=False`` so it runs the base with adapters disabled.
+    The teacher denoiser is switched to ``adapter=False``: it runs the base with every adapter disabled.
     """
-    from peft import LoraConfig
+    from . import lora
 
     model = teacher.denoiser.backbone.model
-    if model.dtype != torch.float32:
-        raise ConfigError("lora mode keeps the base in the teacher's dtype and trains fp32 adapters; "
-                          "use --model.teacher_dtype float32 with lora on CPU")
-    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                 target_modules=LORA_TARGETS), adapter_name=name)
+    lora.add_adapter(model, name, rank)
+    model.requires_grad_(False)
+    for p in lora.adapter_parameters(model, name):
+        p.data = p.data.float()       # trainable master weights stay fp32 over a bf16 base (peft casts inputs)
+        p.requires_grad_(True)
     teacher.denoiser.adapter = False
     return Denoiser(teacher.denoiser.backbone, teacher.denoiser.schedule, adapter=name)
 

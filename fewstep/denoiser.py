@@ -7,11 +7,12 @@ time, schedule and conversion maths run in float32 (DESIGN.md section 5). The ca
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
 
+from . import lora
 from .backbones import BackboneAdapter
 from .conditioning import Cond
 from .parameterization import convert
@@ -39,37 +40,17 @@ class Denoiser(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters this role trains: its own LoRA adapter on a shared base, else every parameter."""
         if isinstance(self.adapter, str):
-            tag = f".{self.adapter}."
-            return [p for n, p in self.backbone.model.named_parameters() if tag in n]
+            return lora.adapter_parameters(self.backbone.model, self.adapter)
         if self.adapter is False:
             return []
         return list(self.backbone.model.parameters())
 
-    @contextmanager
     def role(self):
         """Activate this denoiser's LoRA role for the duration of a call."""
-        model = self.backbone.model
-        if self.adapter is False:
-            with _disabled(model):
-                yield
-        elif isinstance(self.adapter, str):
-            model.set_adapter(self.adapter)
-            yield
-        else:
-            yield
+        return nullcontext() if self.adapter is None else lora.role(self.backbone.model, self.adapter)
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond, out: str = "sample") -> Tensor:
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(len(x_t))
         with self.role():
             raw = self.backbone(x_t.to(self.backbone.dtype), self.schedule.timestep(t), cond)
         return convert(raw.float(), x_t.float(), t, self.schedule, self.prediction_type, out)
-
-
-@contextmanager
-def _disabled(model):
-    """Run a peft-adapted diffusers model with its adapters switched off, then switch them back on."""
-    model.disable_adapters()
-    try:
-        yield
-    finally:
-        model.enable_adapters()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from . import lora
 from .config import ConfigError, RunConfig
 from .conditioning import Cond
 from .images import save_grid
@@ -69,20 +70,23 @@ images = pipe([0, 1, 2, 3], num_inference_steps={len(ts)}).images
 
 def export_student(cfg: RunConfig, teacher, method, ema) -> Path:
     """Write the student (EMA weights) into the run folder as a diffusers pipeline with a model card."""
-    from fewstep_pipelines import class_pipeline_from_unet, fewstep_scheduler_for, save_pipeline_dir
+    from fewstep_pipelines import FewStepClassPipeline, fewstep_scheduler_for, save_pipeline_dir
 
     out = Path(cfg.train.output_dir)
+    # a phased student (Phased DMD) has one expert per phase; the pipeline switches them by timestep
+    denoisers = getattr(method.student, "experts", [method.student.denoiser])
     with ema.swapped() if ema is not None else nullcontext():
-        unet = copy.deepcopy(method.student.denoiser.backbone.model).cpu().float()
-    if hasattr(unet, "peft_config"):
-        unet.fuse_lora()
-        unet.unload_lora()
+        # lora mode: fuse the student adapter into a plain backbone
+        unets = [lora.merged_copy(d.backbone.model, d.adapter).cpu().float() if isinstance(d.adapter, str)
+                 else copy.deepcopy(d.backbone.model).cpu().float() for d in denoisers]
     ts = list(cfg.model.student_timesteps)
     if hasattr(method, "export_scheduler"):     # methods whose sampler differs (e.g. consistency boundary scalings)
         sched = method.export_scheduler(teacher.scheduler_config, ts)
     else:
         sched = fewstep_scheduler_for(teacher.scheduler_config, ts, init_noise_scale=method.student.init_scale)
-    pipe = class_pipeline_from_unet(unet, sched)
+    experts = {f"unet_{i}": u.eval() for i, u in enumerate(unets[1:], 1)}
+    bounds = method.student.expert_boundaries() if experts else None
+    pipe = FewStepClassPipeline(unet=unets[0].eval(), scheduler=sched, expert_boundaries=bounds, **experts)
     tmp = out / ".export-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_pipeline_dir(pipe, tmp, model_card=model_card(cfg, teacher))

@@ -1,0 +1,80 @@
+"""LoRA roles on one shared frozen backbone (student and critic adapters; the teacher is the base).
+
+Adapters are injected with peft into any diffusers model (UNet2DModel has no diffusers adapter mixin, so
+peft's ``inject_adapter_in_model`` is used directly). Switching roles sets peft layers' active-adapter and
+disabled flags without peft's ``set_adapter``/``enable_adapters``, because those also flip
+``requires_grad`` and would fight the training loop, which decides per turn what is trained.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from torch import nn
+
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def add_adapter(model: nn.Module, name: str, rank: int, targets=TARGETS) -> None:
+    """Inject LoRA adapter ``name`` (rank r, alpha = r, Gaussian A and zero B: starts as the base model)."""
+    import warnings
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets))
+    with warnings.catch_warnings():   # a second adapter on one model is the point of lora mode
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(config, model, adapter_name=name)
+
+
+def _layers(model: nn.Module):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextmanager
+def role(model: nn.Module, adapter: str | bool):
+    """Run with only adapter ``adapter`` active, or with every adapter disabled when ``adapter`` is False."""
+    layers = _layers(model)
+    saved = [(m._active_adapter, m._disable_adapters) for m in layers]
+    for m in layers:
+        if adapter is False:
+            m._disable_adapters = True
+        else:
+            m._active_adapter, m._disable_adapters = [adapter], False
+    try:
+        yield
+    finally:
+        for m, (active, disabled) in zip(layers, saved):
+            m._active_adapter, m._disable_adapters = active, disabled
+
+
+def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """The parameters of adapter ``name`` (peft names them ``...lora_A.<name>.weight``)."""
+    tag = f".{name}."
+    return [p for n, p in model.named_parameters() if tag in n]
+
+
+def adapter_state_dict(model: nn.Module, name: str) -> dict:
+    """Adapter weights in diffusers' LoRA key format (``...to_q.lora.down.weight``), for ``save_lora_weights``."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=name))
+
+
+def merged_copy(model: nn.Module, name: str) -> nn.Module:
+    """A plain copy of ``model`` with adapter ``name`` merged into the base weights and every peft layer
+    removed: the fused student a stock diffusers pipeline loads."""
+    import copy
+
+    out = copy.deepcopy(model)
+    for layer_name, module in list(out.named_modules()):
+        if module in _layers(out):
+            module.merge(adapter_names=[name])
+            parent, _, child = layer_name.rpartition(".")
+            setattr(out.get_submodule(parent) if parent else out, child, module.get_base_layer())
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if hasattr(out, attr):
+            delattr(out, attr)
+    return out
