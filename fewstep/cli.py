@@ -31,7 +31,8 @@ def guard_output(cfg: C.RunConfig) -> None:
         return
     saved = out / "config.json"
     if cfg.train.overwrite:
-        shutil.rmtree(out)
+        if int(os.environ.get("RANK", "0")) == 0:    # under accelerate launch only the first process deletes
+            shutil.rmtree(out)
         return
     if not saved.is_file():
         raise C.ConfigError(f"output directory {str(out)!r} is not empty and holds no fewstep run; choose another "

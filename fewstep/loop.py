@@ -53,6 +53,15 @@ def _restore(state, method, opts, ema) -> tuple[int, int]:
     return state["step"], state["nonfinite"]
 
 
+def _rank_mean(logs: dict, accelerator) -> dict:
+    """Average logged scalars over processes, so a log line describes the global batch."""
+    if accelerator.num_processes == 1 or not logs:
+        return logs
+    keys = sorted(logs)
+    v = accelerator.reduce(torch.tensor([float(logs[k]) for k in keys], device=accelerator.device), "mean")
+    return dict(zip(keys, v.tolist()))
+
+
 def train(cfg: RunConfig, method, data, accelerator, on_sample=None, on_checkpoint=None) -> dict:
     """Run ``cfg.train.max_steps`` steps of ``method`` on batches from ``data`` (see ``fewstep.data``).
 
@@ -114,6 +123,7 @@ def train(cfg: RunConfig, method, data, accelerator, on_sample=None, on_checkpoi
         step += 1
         bar.update(1)
         if step % t.log_every == 0 or step == t.max_steps:
+            logs = _rank_mean(logs, accelerator)
             logs.update({f"updates/{k}": v for k, v in updates.items()})
             accelerator.log(logs, step=step)
             bar.set_postfix({k.split("/", 1)[1]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss/")
