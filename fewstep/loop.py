@@ -8,7 +8,9 @@ uninterrupted one and the result does not depend on how the global batch is spli
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -83,6 +85,8 @@ def train(cfg: RunConfig, method, data, accelerator, on_sample=None, on_checkpoi
     bar = tqdm(total=t.max_steps, initial=step, disable=not accelerator.is_main_process, desc=cfg.method_name,
                dynamic_ncols=True)
     updates = {turn.name: 0 for turn in method.turns}
+    trace = os.environ.get("FEWSTEP_TRACE")   # per-rank JSON lines of every turn: for multi-process debugging
+    trace_file = open(f"{trace}.rank{rank}.jsonl", "a") if trace else None
     while step < t.max_steps:
         logs = {}
         for ti, turn in enumerate(method.turns):
@@ -116,6 +120,10 @@ def train(cfg: RunConfig, method, data, accelerator, on_sample=None, on_checkpoi
                                          f"checkpoint ({checkpoint.latest(ckpt_dir)}) is intact.")
             opt.zero_grad(set_to_none=True)
             logs.update({k: float(v) for k, v in turn_logs.items()})
+            if trace_file:
+                trace_file.write(json.dumps({"step": step, "turn": turn.name, "loss": float(loss.detach()),
+                                             "logs": {k: float(v) for k, v in turn_logs.items()}}) + "\n")
+                trace_file.flush()
             logs[f"loss/{turn.name}"] = float(loss.detach())
             logs[f"grad_norm/{turn.name}"] = float(grad_norm)
             logs[f"lr/{turn.name}"] = sched.get_last_lr()[0]
@@ -136,4 +144,6 @@ def train(cfg: RunConfig, method, data, accelerator, on_sample=None, on_checkpoi
                 checkpoint.save(ckpt_dir, step, _state(method, opts, ema, step, nonfinite), t.keep_last, t.keep_every)
             accelerator.wait_for_everyone()
     bar.close()
+    if trace_file:
+        trace_file.close()
     return {"step": step, "updates": updates, "ema": ema}
