@@ -107,7 +107,7 @@ def _lora_role(teacher: Teacher, name: str, rank: int) -> Denoiser:
     from . import lora
 
     model = teacher.denoiser.backbone.model
-    lora.add_adapter(model, name, rank)
+    lora.add_adapter(model, name, rank, teacher.denoiser.backbone.lora_targets)
     model.requires_grad_(False)
     for p in lora.adapter_parameters(model, name):
         p.data = p.data.float()       # trainable master weights stay fp32 over a bf16 base (peft casts inputs)

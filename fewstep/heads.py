@@ -24,7 +24,8 @@ class ConvHead(nn.Module):
         self.out = nn.Linear(c, 1)
 
     def forward(self, feat: Tensor) -> Tensor:
-        if feat.ndim == 5:          # video features [B, C, F, H, W]: fold frames into the batch of the conv
-            feat = feat.flatten(1, 2)
+        if feat.ndim == 5:          # video features [B, C, F, H, W]: score every frame, average the logits
+            b, f = feat.shape[0], feat.shape[2]
+            return self.forward(feat.transpose(1, 2).flatten(0, 1)).view(b, f).mean(1)
         h = self.body(feat.float()).mean(dim=(-2, -1))
         return self.out(h).squeeze(-1)

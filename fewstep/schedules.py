@@ -180,7 +180,8 @@ def from_diffusers(scheduler) -> NoiseSchedule:
     """
     config = dict(getattr(scheduler, "config", scheduler))
     name = config.get("_class_name", type(scheduler).__name__)
-    if "FlowMatch" in name or config.get("process") == "flow":
+    # Sana's DPMSolver and Wan's UniPC carry betas but sample rectified flow when use_flow_sigmas is set.
+    if "FlowMatch" in name or config.get("process") == "flow" or config.get("use_flow_sigmas"):
         return RectifiedFlow(config.get("num_train_timesteps", 1000))
     if "beta_schedule" in config or "process" in config:
         if config.get("trained_betas") is not None:
@@ -195,6 +196,6 @@ def from_diffusers(scheduler) -> NoiseSchedule:
 def prediction_type_of(scheduler) -> str:
     """diffusers prediction type of a teacher's scheduler; flow-match schedulers predict ``flow_prediction``."""
     config = dict(getattr(scheduler, "config", scheduler))
-    if "FlowMatch" in config.get("_class_name", type(scheduler).__name__):
+    if "FlowMatch" in config.get("_class_name", type(scheduler).__name__) or config.get("use_flow_sigmas"):
         return "flow_prediction"
     return config.get("prediction_type", "epsilon")

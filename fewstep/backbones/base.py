@@ -20,6 +20,7 @@ class BackboneAdapter(nn.Module):
     """
 
     feature_modules: tuple[str, ...] = ()   # submodules tapped for GAN heads, e.g. ("mid_block",)
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")   # attention projections
 
     def __init__(self, model: nn.Module, prediction_type: str):
         super().__init__()
@@ -32,6 +33,13 @@ class BackboneAdapter(nn.Module):
 
     def forward(self, x_t: Tensor, timestep: Tensor, cond: Cond) -> Tensor:
         raise NotImplementedError
+
+    def cast(self, v: Tensor | None, like: Tensor) -> Tensor | None:
+        """A floating cond tensor in the backbone's dtype on ``like``'s device (stock pipelines cast the
+        prompt embeddings to the transformer's dtype); masks and ids keep their dtype."""
+        if v is None:
+            return None
+        return v.to(like.device, self.dtype) if v.is_floating_point() else v.to(like.device)
 
     def feature_channels(self) -> int:
         """Channels of the last tapped feature (sizes the discriminator head)."""
@@ -81,10 +89,3 @@ class TokenAdapter(BackboneAdapter):
 
     def feature_channels(self) -> int:
         return self.model.config.num_attention_heads * self.model.config.attention_head_dim
-
-    def cast(self, v: Tensor | None, like: Tensor) -> Tensor | None:
-        """A floating cond tensor in the backbone's dtype on ``like``'s device (stock pipelines cast the
-        prompt embeddings to the transformer's dtype); masks and ids keep their dtype."""
-        if v is None:
-            return None
-        return v.to(like.device, self.dtype) if v.is_floating_point() else v.to(like.device)

@@ -45,6 +45,10 @@ class FluxAdapter(TokenAdapter):
     """``FluxTransformer2DModel`` on packed latents; the tapped block is the middle of the double-stream then
     single-stream stack."""
 
+    # joint blocks also project the text stream; Flux single blocks have their own MLP projections
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                    "proj_mlp", "proj_out")
+
     stream = 1      # both block types return (encoder_hidden_states, hidden_states)
 
     def __init__(self, model, prediction_type: str):

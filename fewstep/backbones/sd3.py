@@ -14,6 +14,9 @@ from .base import TokenAdapter
 class SD3Adapter(TokenAdapter):
     """``SD3Transformer2DModel(x_t, timestep, encoder_hidden_states=Cond.text, pooled_projections=Cond.pooled)``."""
 
+    # joint blocks also project the text stream; Flux single blocks have their own MLP projections
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
     stream = 1      # JointTransformerBlock returns (encoder_hidden_states, hidden_states)
 
     def forward(self, x_t, timestep, cond: Cond):

@@ -16,12 +16,12 @@ class UNet2DConditionAdapter(BackboneAdapter):
     feature_modules = ("mid_block",)
 
     def forward(self, x_t, timestep, cond: Cond):
-        added = dict(cond.added)
+        added = {k: self.cast(v, x_t) for k, v in cond.added.items()}
         if cond.pooled is not None:
-            added["text_embeds"] = cond.pooled
-        return self.model(x_t, timestep.to(x_t.device), encoder_hidden_states=cond.text,
+            added["text_embeds"] = self.cast(cond.pooled, x_t)
+        return self.model(x_t, timestep.to(x_t.device), encoder_hidden_states=self.cast(cond.text, x_t),
                           encoder_attention_mask=cond.text_mask, added_cond_kwargs=added or None,
-                          timestep_cond=cond.guidance, return_dict=False)[0]
+                          timestep_cond=self.cast(cond.guidance, x_t), return_dict=False)[0]
 
     def feature_channels(self) -> int:
         return self.model.config.block_out_channels[-1]
