@@ -75,6 +75,9 @@ class FewStepGenerator(nn.Module):
             x0 = self.step(x, i, cond)
             if j == len(idx) - 1:
                 return x0
-            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            # drawn on the generator's device, then moved (diffusers' randn_tensor does the same), so a CPU
+            # generator gives the same images on every device
+            gen_device = generator.device if generator is not None else x.device
+            eps = torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
             x = self.renoise(x0, self.t_list[idx[j + 1]].expand(len(x)), eps)
         return x
