@@ -34,16 +34,41 @@ class Teacher:
     path: Path
     folder: str                 # "unet" or "transformer"
     scheduler_config: dict
+    pipe: object = None         # text-to-image teachers: the stock pipeline (text encoders, tokenizers, VAE)
+
+    @property
+    def pipeline_class(self) -> str:
+        return type(self.pipe).__name__ if self.pipe is not None else ""
+
+
+def _hub_cache(name: str) -> Path | None:
+    """The local Hugging Face cache snapshot of hub id ``name`` (never a download), or None."""
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # noqa: BLE001 (not cached, no hub library, malformed id: all mean "not here")
+        return None
 
 
 def teacher_path(name: str) -> Path:
-    """Resolve ``--model.teacher`` ("" = the bundled digits teacher) to a local diffusers directory."""
+    """Resolve ``--model.teacher`` ("" = the bundled digits teacher; a hub id = its local HF-cache copy) to a
+    local diffusers directory."""
     path = Path(name) if name else DIGITS_TEACHER
-    if not path.is_dir():
-        raise ConfigError(f"teacher {str(path)!r} is not a directory; give a local diffusers pipeline folder "
-                          "(with scheduler/ and unet/ or transformer/) or leave --model.teacher empty for the "
-                          "bundled digits teacher (no downloads happen at run time)")
-    return path
+    if path.is_dir():
+        return path
+    cached = _hub_cache(name)
+    if cached is not None:
+        return cached
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        raise ConfigError(f"teacher {name!r} is not a directory and not in the local Hugging Face cache; fewstep "
+                          f"never downloads at run time: download it first (hf download {name} --local-dir "
+                          f"<folder>) and pass --model.teacher <folder>")
+    raise ConfigError(f"teacher {str(path)!r} is not a directory; give a local diffusers pipeline folder "
+                      "(with scheduler/ and unet/ or transformer/) or leave --model.teacher empty for the "
+                      "bundled digits teacher (no downloads happen at run time)")
 
 
 def load_teacher(cfg: ModelConfig) -> Teacher:
@@ -61,10 +86,40 @@ def load_teacher(cfg: ModelConfig) -> Teacher:
     if model_cls is None:
         raise ConfigError(f"teacher backbone class {class_name!r} is not in this diffusers version")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.teacher_dtype]
-    model = model_cls.from_pretrained(path, subfolder=folder, torch_dtype=dtype).eval().requires_grad_(False)
+    pipe = _load_pipeline(path, dtype)
+    if pipe is not None:
+        model = getattr(pipe, folder)
+    else:
+        model = model_cls.from_pretrained(path, subfolder=folder, torch_dtype=dtype)
+    model.eval().requires_grad_(False)
     sched = json.loads(sched_file.read_text())
     denoiser = Denoiser(adapter_for(model, prediction_type_of(sched)), from_diffusers(sched))
-    return Teacher(denoiser, path, folder, sched)
+    return Teacher(denoiser, path, folder, sched, pipe)
+
+
+def _load_pipeline(path: Path, dtype):
+    """The stock text-to-image pipeline of a teacher folder (its backbone becomes the teacher: one copy),
+    or None for folders that hold no such pipeline (the class-conditional digits teacher)."""
+    import diffusers
+
+    from .encoders import FAMILIES
+
+    index = path / "model_index.json"
+    if not index.is_file():
+        return None
+    class_name = json.loads(index.read_text()).get("_class_name")
+    if not isinstance(class_name, str) or class_name not in FAMILIES:
+        return None
+    try:
+        pipe = getattr(diffusers, class_name).from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"teacher {str(path)!r}: {class_name}.from_pretrained failed "
+                          f"({' '.join(str(e).split())[:300]})") from None
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            component.eval().requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def student_times(teacher: Teacher, cfg: ModelConfig) -> torch.Tensor:

@@ -76,7 +76,7 @@ def run(method_name: str, doc: str, prog: str, default_preset: str, make_method,
     import torch
 
     from . import build, loop
-    from .finish import export_student, make_source, sample_grid, write_metrics
+    from .finish import check_export, export_student, make_source, sample_grid, write_metrics
 
     cfg, dry = parse_or_exit(sys.argv[1:] if argv is None else argv, method_name, doc, prog, default_preset)
     if dry:
@@ -89,6 +89,7 @@ def run(method_name: str, doc: str, prog: str, default_preset: str, make_method,
         source = make_source(cfg, teacher)
         torch.manual_seed(cfg.train.seed)    # initialization of new modules (heads, adapters)
         method = make_method(cfg, teacher)
+        check_export(cfg, teacher, method)
     except C.ConfigError as e:
         fail(e)
     out = Path(cfg.train.output_dir)
@@ -99,6 +100,8 @@ def run(method_name: str, doc: str, prog: str, default_preset: str, make_method,
         accelerator.init_trackers("fewstep", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                      for k, v in C.flatten(cfg).items()})
     method.to(accelerator.device)
+    if hasattr(source, "to"):     # text-to-image: prompt encoders and VAE run beside the backbones
+        source.to(accelerator.device)
     result = loop.train(cfg, method, source, accelerator,
                         on_sample=lambda step, ema: sample_grid(cfg, method, source, ema, step))
     accelerator.end_training()

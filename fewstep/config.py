@@ -30,9 +30,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "digits"                         # digits: class labels + real digits for the GAN
+    source: str = "digits"                         # digits: class labels + real digits; prompts: text-to-image
     batch_size: int = 32                           # per process, per micro-batch
-    prompts: str = ""                              # prompt file (text-to-image presets)
+    prompts: str = ""                              # prompts: .txt (one a line), .jsonl, or a datasets folder
+    resolution: int = 0                            # square image size in pixels (0: the pipeline's default)
+    num_frames: int = 0                            # video teachers (Wan): frames (0: the pipeline's default)
+    cache_embeddings: str = ""                     # .pt file caching prompt embeddings (and image latents)
+    images: str = ""                               # folder of real RGB images for GAN/consistency terms
 
 
 @dataclass

@@ -18,6 +18,7 @@ from . import metrics
 
 def load_pipeline(path):
     """A FewStepClassPipeline from a teacher or student directory, without trust_remote_code."""
+    import diffusers
     from diffusers import DDIMScheduler, UNet2DModel
 
     from fewstep_pipelines import FewStepClassPipeline, FewStepScheduler
@@ -26,11 +27,17 @@ def load_pipeline(path):
 
     path = Path(path)
     sched_cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-    sched_cls = FewStepScheduler if sched_cfg.get("_class_name") == "FewStepScheduler" else DDIMScheduler
+    # students exported with a stock scheduler (LCMScheduler for consistency students) keep its class
+    name = sched_cfg.get("_class_name")
+    sched_cls = FewStepScheduler if name == "FewStepScheduler" else getattr(diffusers, name, DDIMScheduler)
     unet = UNet2DModel.from_pretrained(path, subfolder="unet").eval()
-    pipe = FewStepClassPipeline(unet=unet, scheduler=sched_cls.from_pretrained(path, subfolder="scheduler"))
+    index = json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").is_file() else {}
+    experts = {k: UNet2DModel.from_pretrained(path, subfolder=k).eval() for k in ("unet_1", "unet_2", "unet_3")
+               if (path / k / "config.json").is_file()}   # phased students: one unet per phase
+    pipe = FewStepClassPipeline(unet=unet, scheduler=sched_cls.from_pretrained(path, subfolder="scheduler"),
+                                expert_boundaries=index.get("expert_boundaries"), **experts)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe.to("cuda") if torch.cuda.is_available() else pipe
 
 
 def generate(pipe, n: int, seed: int, steps: int | None = None, guidance_scale: float = 1.0,
@@ -43,7 +50,7 @@ def generate(pipe, n: int, seed: int, steps: int | None = None, guidance_scale: 
         gens = [torch.Generator().manual_seed(seed * 1_000_000 + i) for i in idx]
         x = pipe(labels[lo:lo + len(idx)].tolist(), num_inference_steps=steps, guidance_scale=guidance_scale,
                  generator=gens, output_type="pt").images
-        out.append(x * 2 - 1)
+        out.append(x.cpu() * 2 - 1)
     return torch.cat(out), labels
 
 
@@ -115,15 +122,18 @@ def load_any_pipeline(path):
 
 
 def trained_steps(path) -> int | None:
-    """The student's trained step count (length of ``train_timesteps`` in its scheduler config), else None."""
+    """The student's trained step count: the length of ``train_timesteps`` in its scheduler config (or, for a
+    consistency student exported with LCMScheduler, ``original_inference_steps``); None for a teacher."""
     import json
     from pathlib import Path
 
     cfg_file = Path(path) / "scheduler" / "scheduler_config.json"
     if not cfg_file.is_file():
         return None
-    ts = json.loads(cfg_file.read_text()).get("train_timesteps")
-    return len(ts) if ts else None
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("train_timesteps"):
+        return len(cfg["train_timesteps"])
+    return cfg.get("original_inference_steps") if cfg.get("_class_name") == "LCMScheduler" else None
 
 
 def latency(pipe, steps: int | None = None, guidance_scale: float = 1.0, repeats: int = 10) -> dict:

@@ -55,12 +55,15 @@ def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
     return [p for n, p in model.named_parameters() if tag in n]
 
 
-def adapter_state_dict(model: nn.Module, name: str) -> dict:
-    """Adapter weights in diffusers' LoRA key format (``...to_q.lora.down.weight``), for ``save_lora_weights``."""
+def adapter_state_dict(model: nn.Module, name: str, convert: bool = True) -> dict:
+    """Adapter weights for ``save_lora_weights``: in diffusers' UNet LoRA key format (``...to_q.lora.down.weight``),
+    or with ``convert=False`` in peft's (``...to_q.lora_A.weight``), which transformer LoRAs must use: the
+    conversion renames only attention projections, and a half-renamed dict loads only partly."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=name))
+    state = get_peft_model_state_dict(model, adapter_name=name)
+    return convert_state_dict_to_diffusers(state) if convert else state
 
 
 def merged_copy(model: nn.Module, name: str) -> nn.Module:
@@ -75,6 +78,6 @@ def merged_copy(model: nn.Module, name: str) -> nn.Module:
             parent, _, child = layer_name.rpartition(".")
             setattr(out.get_submodule(parent) if parent else out, child, module.get_base_layer())
     for attr in ("peft_config", "_hf_peft_config_loaded"):
-        if hasattr(out, attr):
+        if attr in vars(out):       # instance attributes only: diffusers' ModelMixin declares them on the class
             delattr(out, attr)
     return out

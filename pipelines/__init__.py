@@ -4,7 +4,14 @@ Each of `scheduling_fewstep.py` and `pipeline_fewstep.py` is self-contained so t
 it alone into an exported diffusers directory as a custom component.
 """
 
-from .export import class_pipeline_from_unet, fewstep_scheduler_for, save_pipeline_dir
+from .export import (
+    class_pipeline_from_unet,
+    fewstep_scheduler_for,
+    save_lora,
+    save_pipeline_dir,
+    save_student_pipeline,
+    student_scheduler_for,
+)
 from .pipeline_fewstep import FewStepClassPipeline
 from .scheduling_fewstep import FewStepScheduler
 
@@ -13,5 +20,8 @@ __all__ = [
     "FewStepScheduler",
     "class_pipeline_from_unet",
     "fewstep_scheduler_for",
+    "save_lora",
     "save_pipeline_dir",
+    "save_student_pipeline",
+    "student_scheduler_for",
 ]

@@ -21,16 +21,36 @@ from diffusers.utils.torch_utils import randn_tensor
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 DEFAULT_STEPS = 50
+EXPERTS = ("unet_1", "unet_2", "unet_3")  # optional per-phase experts after `unet` (Phased DMD)
 
 
 class FewStepClassPipeline(DiffusionPipeline):
-    """Class-conditional sampling from a `UNet2DModel` whose last class index is the null label."""
+    """Class-conditional sampling from a `UNet2DModel` whose last class index is the null label.
+
+    A phased student (Phased DMD, arXiv 2510.27684) has one expert unet per phase: `unet` runs above the
+    first of the descending `expert_boundaries` (timesteps), `unet_k` at timesteps <= the k-th boundary,
+    the switch diffusers' Wan 2.2 pipeline makes between its two transformers at `boundary_ratio`.
+    """
 
     model_cpu_offload_seq = "unet"
+    _optional_components = list(EXPERTS)
 
-    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, unet_1: UNet2DModel = None,
+                 unet_2: UNet2DModel = None, unet_3: UNet2DModel = None, expert_boundaries=None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        experts = [u for u in (unet_1, unet_2, unet_3) if u is not None]
+        bounds = [int(b) for b in expert_boundaries or []]
+        if len(bounds) != len(experts) or any(a <= b for a, b in zip(bounds, bounds[1:])):
+            raise ValueError(f"expert_boundaries={expert_boundaries} must list one descending timestep per "
+                             f"extra expert unet ({len(experts)} given, filled in order unet_1, unet_2, unet_3).")
+        self.register_modules(unet=unet, scheduler=scheduler, unet_1=unet_1, unet_2=unet_2, unet_3=unet_3)
+        self.register_to_config(expert_boundaries=bounds or None)
+        self.expert_boundaries = bounds or None   # a plain attribute too: tools that getattr it see no deprecation
+
+    def unet_at(self, timestep):
+        """The expert that owns `timestep`: one more expert below each boundary it does not exceed."""
+        k = sum(float(timestep) <= b for b in self.config.expert_boundaries or [])
+        return self.unet if k == 0 else getattr(self, EXPERTS[k - 1])
 
     @property
     def num_classes(self):
@@ -40,7 +60,10 @@ class FewStepClassPipeline(DiffusionPipeline):
     def default_num_inference_steps(self):
         """The student's trained step count when the scheduler records it, else 50."""
         trained = getattr(self.scheduler.config, "train_timesteps", None)
-        return len(trained) if trained is not None else DEFAULT_STEPS
+        if trained is not None:
+            return len(trained)
+        # a consistency student exported with LCMScheduler records its step count as original_inference_steps
+        return getattr(self.scheduler.config, "original_inference_steps", None) or DEFAULT_STEPS
 
     def _labels(self, class_labels, device):
         """Validate class labels (int, list of ints or LongTensor) and return a 1-D LongTensor."""
@@ -100,10 +123,11 @@ class FewStepClassPipeline(DiffusionPipeline):
     def _model_output(self, x, t, labels, guidance_scale):
         """Unet output with classifier-free guidance uncond + w (cond - uncond); one pass when w = 1."""
         batch = x.shape[0]
+        unet = self.unet_at(t)
         if guidance_scale == 1.0:
-            return self.unet(x, t.expand(batch), class_labels=labels).sample
+            return unet(x, t.expand(batch), class_labels=labels).sample
         null = torch.full_like(labels, self.num_classes)
-        both = self.unet(
+        both = unet(
             torch.cat([x, x]), t.expand(2 * batch), class_labels=torch.cat([null, labels])
         ).sample
         uncond, cond = both.chunk(2)

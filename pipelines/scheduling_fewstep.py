@@ -30,6 +30,10 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
+# "fresh": x0 then re-noise with new noise (DMD2, LCM); "ddim": move deterministically along the noise the
+# model implies (DDIM eta = 0, TCD gamma = 0), the multistep sampler of phased consistency models (PCM)
+RENOISE = ("fresh", "ddim")
+SIGMA_DATA = 0.5  # boundary scalings of latent consistency models (LCMScheduler's sigma_data)
 # which prediction types are defined for which process (v is a VP notion, u = eps - x0 a flow one)
 ALLOWED_PREDICTIONS = {
     "vp": ("epsilon", "v_prediction", "sample"),
@@ -71,6 +75,10 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
     `train_timesteps` is the student's descending t-list (VP: ints in [0, T-1], e.g. [999, 749, 499, 249];
     flow: floats in (0, T]). `init_noise_scale` becomes `init_noise_sigma`, the factor pipelines apply to
     the initial unit noise (a SiD student whose input is sigma_t z sets it to that sigma_t).
+    `timestep_scaling` > 0 applies consistency boundary scalings x0 <- c_skip x_t + c_out x0 (as
+    LCMScheduler); `renoise` picks fresh noise or the deterministic "ddim" move between listed timesteps.
+    `use_flow_sigmas` (flow students in stock pipelines) makes FluxPipeline leave out its default
+    `sigmas=linspace(1, 1/n, n)`, so the trained t-list is used; stock pipelines read it off the config.
     """
 
     _compatibles = []
@@ -87,6 +95,9 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         prediction_type: str = "epsilon",
         train_timesteps=None,
         init_noise_scale: float = 1.0,
+        timestep_scaling: float = 0.0,
+        renoise: str = "fresh",
+        use_flow_sigmas: bool = False,
     ):
         if process not in ALLOWED_PREDICTIONS:
             raise ValueError(f"process={process!r} is not supported; use 'vp' or 'flow'.")
@@ -95,6 +106,8 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
                 f"prediction_type={prediction_type!r} is not defined for process={process!r}; "
                 f"use one of {list(ALLOWED_PREDICTIONS[process])}."
             )
+        if renoise not in RENOISE:
+            raise ValueError(f"renoise={renoise!r} is not supported; use one of {list(RENOISE)}.")
         if process == "vp":
             betas = vp_betas(num_train_timesteps, beta_start, beta_end, beta_schedule)
             self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
@@ -107,6 +120,8 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         self.init_noise_sigma = float(init_noise_scale)
         self.num_inference_steps = None
         self.timesteps = self._as_tensor(train_timesteps) if train_timesteps is not None else None
+        self.sigmas = None
+        self._begin_index = None
 
     def __len__(self):
         return self.config.num_train_timesteps
@@ -146,8 +161,17 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
             return [int(round(t)) - 1 for t in np.linspace(T, 0, n, endpoint=False)]
         return [float(t) for t in np.linspace(T, 0, n, endpoint=False)]
 
-    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None):
-        """Pick the sampling t-list: all trained steps, an evenly strided subset, or an explicit list."""
+    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None, mu=None):
+        """Pick the sampling t-list: all trained steps, an evenly strided subset, or an explicit list.
+
+        Flow students also take the list as `sigmas` (timesteps / num_train_timesteps), the argument flow
+        pipelines forward; `mu` (a pipeline's resolution-dependent shift) is accepted and ignored, because
+        the student's t-list is explicit and already holds whatever shift it was trained with.
+        """
+        if sigmas is not None:
+            if self.config.process != "flow" or timesteps is not None:
+                raise ValueError("sigmas=[...] is only defined for a flow student and without timesteps=[...].")
+            timesteps = [float(s) * self.config.num_train_timesteps for s in np.asarray(sigmas).reshape(-1)]
         if timesteps is not None:
             chosen = self._check_timesteps(timesteps, "timesteps")
             if num_inference_steps is not None and num_inference_steps != len(chosen):
@@ -158,6 +182,16 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
             chosen = self._subset(num_inference_steps)
         self.num_inference_steps = len(chosen)
         self.timesteps = self._as_tensor(chosen, device=device)
+        # each listed timestep's sigma in the stock schedulers' convention (flow: sigma_t; VP: sigma_t / alpha_t,
+        # as EulerDiscrete's) and a final 0; pipelines such as Wan's read them
+        alpha, sigma = self.alpha_sigma(self.timesteps.cpu())
+        sigma = sigma if self.config.process == "flow" else sigma / alpha
+        self.sigmas = torch.cat([sigma, torch.zeros(1)]).to(device)
+        self._begin_index = None
+
+    def set_begin_index(self, begin_index=0):
+        """Kept for pipelines that set it before their loop; steps are located by timestep value."""
+        self._begin_index = begin_index
 
     def _subset(self, n):
         trained = self.config.train_timesteps
@@ -237,12 +271,28 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"timestep {t:g} is not in scheduler.timesteps {self.timesteps.tolist()}.")
         return i
 
+    def boundary_scalings(self, timestep):
+        """Consistency-model scalings (c_skip, c_out) at `timestep` as LCMScheduler defines them (consistency
+        models, arXiv 2303.01469; LCM, arXiv 2310.04378): sigma_data 0.5 and the timestep multiplied by
+        `timestep_scaling`, so c_skip = 1 and c_out = 0 at timestep 0; (0, 1) when the scaling is 0 (off)."""
+        if not self.config.timestep_scaling:
+            return 0.0, 1.0
+        scaled = float(torch.as_tensor(timestep).reshape(-1)[0]) * self.config.timestep_scaling
+        return SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2), scaled / (scaled**2 + SIGMA_DATA**2) ** 0.5
+
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
         """One few-step update: x0 from the model output, then re-noise to the next listed timestep."""
         i = self._index_of(timestep)
         x0 = self.to_x0(model_output, timestep, sample)
+        if self.config.timestep_scaling:
+            c_skip, c_out = self.boundary_scalings(timestep)
+            x0 = (c_skip * sample.to(torch.float32) + c_out * x0.to(torch.float32)).to(sample.dtype)
         if i == len(self.timesteps) - 1:
             prev_sample = x0
+        elif self.config.renoise == "ddim":
+            alpha, sigma = (_expand(v, sample) for v in self.alpha_sigma(timestep))
+            eps = (sample.to(torch.float32) - alpha * x0.to(torch.float32)) / sigma
+            prev_sample = self.add_noise(x0, eps, self.timesteps[i + 1])
         else:
             eps = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
             prev_sample = self.add_noise(x0, eps, self.timesteps[i + 1])

@@ -255,7 +255,7 @@ def test_export_reloads_without_fewstep(pipe, tmp_path):
     result_file = tmp_path / "reloaded.pt"
     proc = subprocess.run(
         [sys.executable, "reload.py", str(out_dir), str(teacher_dir), str(result_file)],
-        cwd=work, env=env, capture_output=True, text=True, timeout=120,
+        cwd=work, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(result_file)

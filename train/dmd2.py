@@ -7,6 +7,8 @@ Examples:
     accelerate launch train/dmd2.py --preset digits_dmd2_4step          # 4 steps: 999, 749, 499, 249
     accelerate launch train/dmd2.py --method.guidance_scale 3 --train.max_steps 500
     accelerate launch train/dmd2.py --preset sd15_dmd2 --model.teacher /path/to/sd15
+    accelerate launch train/dmd2.py --preset sdxl_dmd2_4step --model.teacher /path/to/sdxl \
+        --data.prompts prompts.txt --data.images laion_images/ --data.cache_embeddings cache/sdxl.pt
     python train/dmd2.py --help
 """
 from fewstep import build

@@ -17,19 +17,26 @@ Implements
   generator loss) are the two settings of Few-step SiD (arXiv 2505.12674, abstract and section 4);
 - few-step SiD: the generator has K steps; a step-determined k in 1..K (the same on every rank and after
   resume) picks which output is matched -- k - 1 no-grad steps from noise, the k-th with gradient --
-  so the student matches the data at a uniform mixture of its steps.
+  so the student matches the data at a uniform mixture of its steps;
+- optional SiDA (Zhou et al., arXiv 2410.14919): the critic doubles as a discriminator through a head on
+  its bottleneck; real and generated images are noised with the same t and eps; the critic adds
+  ``gan_weight_critic * (softplus(D(fake)) + softplus(-D(real)))`` and the generator
+  ``gan_weight_student * C*H*W * softplus(-D(x_t))`` (SiDA rescales its per-pixel GAN loss by C*H*W so it
+  sits on the scale of the pixel-summed SiD loss).
 
 Config fields -> paper symbols: ``alpha`` = alpha (1.2; 1.0 for text-to-image); ``sigma_init`` = sigma_init
 (EDM units; 0 skips the check of ``model.student_timesteps[0]``); ``t_min``/``t_max`` = the range of t for
 the generator loss (LSG: 20/1000 .. 980/1000); ``critic_t_min``/``critic_t_max`` = same for the critic;
 ``kappa_1``..``kappa_4`` = LSG's kappa_1..kappa_4; ``lsg`` = "" | "zero_cfg" | "anti_cfg";
-``anti_kappa`` = the critic's negative scale under Anti-CFG (our choice: the paper's value was not found).
+``anti_kappa`` = the critic's negative scale under Anti-CFG (our choice: the paper's value was not found);
+``gan_weight_student`` / ``gan_weight_critic`` = SiDA's lambda_G (``lsg_gan``) / lambda_D (0 disables SiDA).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .. import losses, timesteps
 from ..conditioning import Batch, Cond
@@ -59,6 +66,8 @@ class SiDConfig:
     kappa_4: float = 1.0     # teacher
     lsg: str = ""
     anti_kappa: float = -1.0
+    gan_weight_student: float = 0.0
+    gan_weight_critic: float = 1e-2
 
 
 def kappas(c: SiDConfig) -> tuple[float, float, float, float]:
@@ -120,19 +129,23 @@ class SiD(Method):
 
     Config = SiDConfig
 
-    def __init__(self, cfg: SiDConfig, teacher: Denoiser, student: FewStepGenerator, critic: Denoiser):
+    def __init__(self, cfg: SiDConfig, teacher: Denoiser, student: FewStepGenerator, critic: Denoiser,
+                 head: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
         self.kappa = kappas(cfg)
         self.teacher = teacher.requires_grad_(False)
-        self.student, self.critic = student, critic
+        self.student, self.critic, self.head = student, critic, head
         self.turns = (Turn("critic"), Turn("student"))   # critic first: the generator sees the updated critic
+        if cfg.gan_weight_student > 0 and head is None:
+            raise ValueError("gan_weight_student > 0 (SiDA) needs a discriminator head: set --model.gan_head true")
 
     def trainable(self):
-        return {"student": self.student.denoiser.trainable_parameters(), "critic": self.critic.trainable_parameters()}
+        critic = self.critic.trainable_parameters() + (list(self.head.parameters()) if self.head is not None else [])
+        return {"student": self.student.denoiser.trainable_parameters(), "critic": critic}
 
     def checkpoint_modules(self):
-        return {"student": self.student, "critic": self.critic}
+        return {"student": self.student, "critic": self.critic, **({"head": self.head} if self.head else {})}
 
     def mixture_step(self, step: int) -> int:
         """Few-step SiD's k - 1: a step-determined index into the t-list (0 for a one-step student)."""
@@ -156,6 +169,15 @@ class SiD(Method):
         t = timesteps.sample("uniform", batch.rand(salt, x0.device), s, lo, hi)
         return s.add_noise(x0, batch.randn_like(x0, salt + 1), t), t
 
+    def critic_pass(self, x_t, t, batch: Batch, scales, out: str = "sample", logits: bool = False):
+        """The critic's guided outputs and, if asked, the head's logits read off the same pass (its first,
+        conditional half when cond and uncond are batched)."""
+        if not logits:
+            return guided(self.critic, x_t, t, batch.cond, batch.uncond, scales, out), None
+        with self.critic.backbone.tap() as feats:
+            preds = guided(self.critic, x_t, t, batch.cond, batch.uncond, scales, out)
+        return preds, self.head(feats[-1][: len(x_t)])
+
     def student_loss(self, batch: Batch, step: int):
         """SiD generator loss (eq. 14/19); no ``no_grad`` around teacher or critic: dL/dx_g runs through
         x_t into both (the critic's parameters are frozen by the loop for this turn)."""
@@ -164,10 +186,14 @@ class SiD(Method):
         x_g, _, k = self.generate(batch, step)
         x_t, t = self.noised(x_g, batch, 1, c.t_min, c.t_max)
         (y_real,) = guided(self.teacher, x_t, t, batch.cond, batch.uncond, (k4,))
-        y_fake, y_fake_2 = guided(self.critic, x_t, t, batch.cond, batch.uncond, (k2, k3))
+        (y_fake, y_fake_2), logit = self.critic_pass(x_t, t, batch, (k2, k3), logits=c.gan_weight_student > 0)
         loss, logs = losses.sid(x_g, y_real, y_fake, c.alpha, None if k3 == k2 else y_fake_2)
         logs = {"loss/student/sid": loss.detach(), "student/mixture_step": torch.tensor(float(k)),
                 "guidance/kappa_4": torch.tensor(k4), "guidance/kappa_2": torch.tensor(k2), **logs}
+        if logit is not None:
+            g = losses.gan_g(logit)
+            loss = loss + c.gan_weight_student * x_g[0].numel() * g
+            logs["loss/student/gan"] = g.detach()
         return loss, logs
 
     def critic_loss(self, batch: Batch, step: int):
@@ -177,6 +203,17 @@ class SiD(Method):
             x_g = self.generate(batch, step)[0]
         x_t, t = self.noised(x_g, batch, 3, c.critic_t_min, c.critic_t_max)
         kind = self.critic.prediction_type
-        (pred,) = guided(self.critic, x_t, t, batch.cond, batch.uncond, (self.kappa[0],), kind)
+        (pred,), logit_fake = self.critic_pass(x_t, t, batch, (self.kappa[0],), kind, logits=self.head is not None)
         loss = losses.dsm(pred, from_x0(x_g, x_t, t, kind, self.critic.schedule))
-        return loss, {"loss/critic/dsm": loss.detach(), "guidance/kappa_1": torch.tensor(self.kappa[0])}
+        logs = {"loss/critic/dsm": loss.detach(), "guidance/kappa_1": torch.tensor(self.kappa[0])}
+        if logit_fake is None:
+            return loss, logs
+        if batch.x0_real is None:
+            raise ValueError("SiDA needs real samples: the data config must provide x0_real")
+        # SiDA noises real images with the same t and eps as the generated ones (salt 4 = noised()'s eps)
+        xr_t = self.critic.schedule.add_noise(batch.x0_real, batch.randn_like(x_g, 4), t)
+        with self.critic.backbone.tap() as feats:
+            self.critic(xr_t, t, batch.cond_real or batch.cond)
+        d = losses.gan_d(self.head(feats[-1]), logit_fake)
+        logs.update({"loss/critic/gan": d.detach(), "gan/p_fake": torch.sigmoid(logit_fake).mean().detach()})
+        return loss + c.gan_weight_critic * d, logs

@@ -1,0 +1,413 @@
+"""Benchmark few-step students against their teacher on the bundled digits (or any class-conditional teacher).
+
+    python eval/benchmark.py runs/dmd2_digits runs/dmd2_digits_4step --out reports/digits
+    python eval/benchmark.py runs/* --teacher path/to/teacher --samples 500 --seeds 0
+    python eval/benchmark.py --methods-table runs/* --out reports/methods
+
+Writes ``report.md``, ``report.json`` and three plots (``quality_vs_nfe.png``, ``throughput.png``,
+``samples.png``) into ``--out``. Per model: steps and NFE (a teacher step with CFG costs 2 NFE), class
+accuracy, FD-digits mean and std over seeds and its ratio to the teacher's 50-step FD-digits, images/s
+(median [min-max] of repeats at batch ``--batch``, after a warm-up), latency per image at batch 1 (median
+of repeats after a warm-up) and peak memory. Speed and memory are measured for each model in a fresh
+process so that peaks belong to that model. FD-digits is a Frechet distance in the bundled digits net's
+feature space; it is NOT FID.
+
+``--methods-table`` instead reads each run's ``metrics.json`` and ``config.json`` and writes
+``methods.md``/``methods.json``: one row per method x step count (runs with several seeds are pooled):
+accuracy, FD ratio to the teacher mean +- spread, training wall time and generator updates.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+NOTE = "FD-digits is a Frechet distance in the bundled digits net's feature space; it is not FID."
+GRID_SEED = 7
+_PIPES: dict = {}
+
+
+def pipeline(path) -> object:
+    """A FewStepClassPipeline per directory, loaded once per benchmark."""
+    from fewstep import digits_eval
+
+    key = str(Path(path).resolve())
+    if key not in _PIPES:
+        _PIPES[key] = digits_eval.load_pipeline(path)
+    return _PIPES[key]
+
+
+def parse_ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def nfe(steps: int, guidance_scale: float) -> int:
+    return steps * (1 if guidance_scale == 1.0 else 2)
+
+
+def model_name(path: Path) -> str:
+    cfg = path / "config.json"
+    method = json.loads(cfg.read_text()).get("method_name") if cfg.is_file() else None
+    return f"{path.name} ({method})" if method else path.name
+
+
+# ---------------------------------------------------------------- speed and memory, one process per model
+
+
+def measure_speed(path: Path, steps: int, guidance_scale: float, batch: int, repeats: int,
+                  latency_repeats: int) -> dict:
+    """Throughput, batch-1 latency and peak memory of one pipeline, measured in a fresh Python process."""
+    spec = json.dumps({"path": str(path), "steps": steps, "guidance_scale": guidance_scale, "batch": batch,
+                       "repeats": repeats, "latency_repeats": latency_repeats})
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--speed-child", spec],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS":
+                                                              os.environ.get("OMP_NUM_THREADS", "1")})
+    if proc.returncode != 0:
+        raise RuntimeError(f"speed measurement of {path} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _proc_status_mb(key: str) -> float:
+    text = Path("/proc/self/status").read_text()
+    return int(text.split(f"{key}:")[1].split()[0]) / 1024
+
+
+def reset_rss_peak() -> bool:
+    """Reset the kernel's resident-set high-water mark (Linux), so that it measures from now on."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def speed_child(spec: str) -> None:
+    import torch
+
+    from fewstep import digits_eval
+
+    s = json.loads(spec)
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    import diffusers  # noqa: F401  (diffusers imports lazily; load its model classes before the baseline)
+    from diffusers import DDIMScheduler, UNet2DModel  # noqa: F401
+
+    # the imports alone reach ~1 GB of RSS (torch, diffusers); measure the model's rise above that
+    linux = not cuda and reset_rss_peak()
+    baseline = _proc_status_mb("VmRSS") if linux else 0.0 if cuda else digits_eval.peak_memory_mb()
+    pipe = digits_eval.load_pipeline(s["path"])
+    if cuda:
+        pipe.to("cuda")
+        torch.cuda.reset_peak_memory_stats()
+    out = digits_eval.throughput(pipe, s["steps"], s["guidance_scale"], s["batch"], s["repeats"])
+    out.update(digits_eval.latency(pipe, s["steps"], s["guidance_scale"], s["latency_repeats"]))
+    peak = _proc_status_mb("VmHWM") if linux else digits_eval.peak_memory_mb()
+    out.update(peak_memory_mb=peak, peak_memory_model_mb=peak - baseline,
+               memory_kind="CUDA max allocated" if cuda else "process peak RSS")
+    print(json.dumps(out))
+
+
+# ---------------------------------------------------------------- quality
+
+
+def teacher_rows(teacher: Path, steps_list: list[int], w: float, n: int, seeds: list[int]) -> list[dict]:
+    """Teacher quality at each step count; the 50-step figures come from finish.teacher_reference (cached
+    beside the teacher) when the guidance matches the one it uses."""
+    from fewstep import digits_eval
+    from fewstep.finish import teacher_reference
+
+    pipe, rows = pipeline(teacher), []
+    for steps in steps_list:
+        if steps == 50 and w == 2.0:
+            ref = teacher_reference(teacher, n, tuple(seeds))
+            q = {k: ref[k] for k in ("accuracy", "accuracy_std", "fd_digits", "fd_digits_std",
+                                     "fd_digits_per_seed", "num_samples", "seeds")}
+        else:
+            q = digits_eval.score(pipe, n, seeds, steps=steps, guidance_scale=w)
+        rows.append({"name": f"teacher {steps} step{'s' if steps > 1 else ''}", "role": "teacher",
+                     "path": str(teacher), "steps": steps, "guidance_scale": w, "nfe": nfe(steps, w), **q})
+    return rows
+
+
+def student_row(path: Path, n: int, seeds: list[int]) -> dict:
+    from fewstep import digits_eval
+
+    pipe = pipeline(path)
+    steps = digits_eval.trained_steps(path) or pipe.default_num_inference_steps()
+    q = digits_eval.score(pipe, n, seeds, steps=steps)
+    return {"name": model_name(path), "role": "student", "path": str(path), "steps": steps, "guidance_scale": 1.0,
+            "nfe": steps, **q}
+
+
+def sample_images(row: dict) -> np.ndarray:
+    """One image per class (0..9), the same seeds for every model: uint8 [10, H, W]."""
+    from fewstep import digits_eval
+
+    x, _ = digits_eval.generate(pipeline(row["path"]), 10, GRID_SEED, row["steps"],
+                                row["guidance_scale"])
+    return ((x[:, 0].clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+
+
+# ---------------------------------------------------------------- plots and report
+
+
+def plot_quality(rows: list[dict], out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    teacher = sorted((r for r in rows if r["role"] == "teacher"), key=lambda r: r["nfe"])
+    for ax, key, label in ((ax_fd, "fd_digits", "FD-digits (lower is better; not FID)"),
+                           (ax_acc, "accuracy", "class accuracy")):
+        if teacher:
+            ax.errorbar([r["nfe"] for r in teacher], [r[key] for r in teacher],
+                        [r[f"{key}_std"] for r in teacher], marker="o", color="0.3", capsize=3,
+                        label=f"teacher (CFG {teacher[0]['guidance_scale']:g})")
+        for i, r in enumerate(r for r in rows if r["role"] == "student"):
+            ax.errorbar([r["nfe"]], [r[key]], [r[f"{key}_std"]], marker="s^Dvp*h"[i % 7], ms=8, capsize=3,
+                        linestyle="none", label=r["name"])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("NFE per image (network evaluations)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    ax_fd.set_yscale("log")
+    ax_acc.legend(fontsize=8, loc="lower right")
+    fig.suptitle("Quality vs NFE (mean and std over seeds)")
+    fig.tight_layout()
+    fig.savefig(out / "quality_vs_nfe.png", dpi=120)
+    plt.close(fig)
+    return out / "quality_vs_nfe.png"
+
+
+def plot_speed(rows: list[dict], out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if "images_per_s" in r]
+    names = [r["name"] for r in timed]
+    fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(11, 0.6 * len(timed) + 2))
+    ips = np.array([r["images_per_s"] for r in timed])
+    err = np.array([[r["images_per_s"] - r["images_per_s_min"] for r in timed],
+                    [r["images_per_s_max"] - r["images_per_s"] for r in timed]])
+    colors = ["0.5" if r["role"] == "teacher" else "tab:blue" for r in timed]
+    ax_t.barh(names, ips, xerr=err, color=colors, capsize=3)
+    ax_t.set_xlabel(f"images/s at batch {timed[0]['batch']} (median, min-max)")
+    lat = np.array([1000 * r["latency_s"] for r in timed])
+    ax_l.barh(names, lat, color=colors)
+    ax_l.set_xlabel("latency per image at batch 1, ms (median)")
+    ax_l.tick_params(labelleft=False)
+    from matplotlib.ticker import NullFormatter
+
+    tips = np.array([r["images_per_s_max"] for r in timed])       # labels go past the error bars
+    for ax, values, ends, unit in ((ax_t, ips, tips, "/s"), (ax_l, lat, lat, " ms")):
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlim(min(values) / 3, max(ends) * 4)
+        ax.invert_yaxis()          # first model on top, as in the report table
+        ax.grid(axis="x", alpha=0.3)
+        for y, (v, end) in enumerate(zip(values, ends)):
+            ax.annotate(f"{v:.3g}{unit}", (end, y), xytext=(5, 0), textcoords="offset points", va="center",
+                        fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=120)
+    plt.close(fig)
+    return out / "throughput.png"
+
+
+def plot_samples(rows: list[dict], out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), 10, figsize=(10 * 0.9 + 2.2, len(rows) * 0.95 + 0.4), squeeze=False)
+    for r, row_axes in zip(rows, axes):
+        for k, (ax, img) in enumerate(zip(row_axes, sample_images(r))):
+            ax.imshow(img, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r is rows[0]:
+                ax.set_title(str(k), fontsize=9)
+        row_axes[0].set_ylabel(f"{r['name']}\nNFE {r['nfe']}", rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(f"Samples: class 0-9, the same seeds for every model (image i: seed {GRID_SEED}*10^6+i)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "samples.png", dpi=120)
+    plt.close(fig)
+    return out / "samples.png"
+
+
+def fmt_row(r: dict, ref_fd: float) -> str:
+    ratio, ratio_sd = r["fd_digits"] / ref_fd, r["fd_digits_std"] / ref_fd
+    cells = [r["name"], f"{r['steps']} / {r['nfe']}", f"{r['accuracy']:.3f} ± {r['accuracy_std']:.3f}",
+             f"{r['fd_digits']:.3g} ± {r['fd_digits_std']:.2g}", f"{ratio:.3g} ± {ratio_sd:.2g}"]
+    if "images_per_s" in r:
+        cells += [f"{r['images_per_s']:.4g} [{r['images_per_s_min']:.4g}–{r['images_per_s_max']:.4g}]",
+                  f"{1000 * r['latency_s']:.3g}",
+                  f"{r['peak_memory_mb']:.0f} (+{r['peak_memory_model_mb']:.0f})"]
+    else:
+        cells += ["–", "–", "–"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def write_report(report: dict, out: Path) -> Path:
+    rows, s = report["rows"], report["settings"]
+    lines = [
+        "# fewstep benchmark: students vs teacher (digits)", "",
+        f"Teacher: `{s['teacher']}` (CFG {s['teacher_guidance']:g}); {s['samples']} samples per seed, seeds "
+        f"{s['seeds']}; throughput at batch {s['batch']} ({s['repeats']} repeats after a warm-up), latency at "
+        f"batch 1 ({s['latency_repeats']} repeats after a warm-up); {s['device']}, {s['threads']} torch thread(s).",
+        "", f"**{NOTE}** Ratios divide by the teacher's 50-step FD-digits ({report['teacher_fd_digits']:.4g}).",
+        "",
+        "| model | steps / NFE | class accuracy | FD-digits (mean ± std) | FD ratio to teacher-50 | images/s "
+        "median [min–max] | latency/image at batch 1 (ms) | peak memory MB (+model) |",
+        "|---|---|---|---|---|---|---|---|",
+        *[fmt_row(r, report["teacher_fd_digits"]) for r in rows], "",
+        f"Peak memory: {rows[-1].get('memory_kind', 'n/a')}, measured in a fresh process per model; "
+        "(+model) is the rise above the process after its imports.", "",
+        "![quality vs NFE](quality_vs_nfe.png)", "", "![throughput](throughput.png)", "",
+        "![samples](samples.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    return out / "report.md"
+
+
+def benchmark(args) -> dict:
+    from fewstep import digits_eval
+    from fewstep.build import DIGITS_TEACHER
+
+    teacher = Path(args.teacher) if args.teacher else DIGITS_TEACHER
+    for p in [teacher, *args.models]:
+        if not digits_eval.is_class_pipeline_dir(p):
+            raise SystemExit(f"error: {p} is not a class-conditional pipeline directory (unet/ with class "
+                             "embeddings); for text-to-image models use eval/generate.py, fid.py and clip_score.py")
+    t0 = time.perf_counter()
+    steps_list = sorted(set(args.teacher_steps) | {50})
+    rows = teacher_rows(teacher, steps_list, args.teacher_guidance, args.samples, args.seeds)
+    rows += [student_row(Path(p), args.samples, args.seeds) for p in args.models]
+    ref_fd = next(r["fd_digits"] for r in rows if r["role"] == "teacher" and r["steps"] == 50)
+    for r in rows:
+        r["fd_ratio_to_teacher"], r["fd_ratio_std"] = r["fd_digits"] / ref_fd, r["fd_digits_std"] / ref_fd
+        if r["role"] == "student" or r["steps"] == 50:
+            r.update(measure_speed(Path(r["path"]), r["steps"], r["guidance_scale"], args.batch, args.repeats,
+                                   args.latency_repeats))
+    import torch
+
+    settings = {"teacher": str(teacher), "teacher_guidance": args.teacher_guidance, "samples": args.samples,
+                "seeds": args.seeds, "batch": args.batch, "repeats": args.repeats,
+                "latency_repeats": args.latency_repeats, "threads": torch.get_num_threads(),
+                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else
+                f"CPU ({platform.processor() or platform.machine()})"}
+    return {"settings": settings, "rows": rows, "teacher_fd_digits": ref_fd, "note": NOTE,
+            "seconds": time.perf_counter() - t0}
+
+
+# ---------------------------------------------------------------- methods table (issue 3)
+
+
+def find_runs(paths: list[str]) -> list[Path]:
+    runs = []
+    for p in map(Path, paths):
+        runs += [p] if (p / "metrics.json").is_file() else sorted(m.parent for m in p.rglob("metrics.json"))
+    return runs
+
+
+def run_facts(run: Path) -> dict:
+    """Method, steps, accuracy, FD ratio, wall time and updates of one training run."""
+    m = json.loads((run / "metrics.json").read_text())
+    cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    st, updates = m["student"], m.get("updates", {})
+    wall = m.get("train_seconds", m.get("wall_seconds"))
+    approx = wall is None and (run / "config.json").is_file() and (run / "unet").is_dir()
+    if approx:   # config.json is written when training starts, the exported unet when it ends
+        wall = (run / "unet").stat().st_mtime - (run / "config.json").stat().st_mtime
+    gen = updates.get("student", updates.get("generator", sum(v for k, v in updates.items() if k != "critic")))
+    return {"run": str(run), "method": cfg.get("method_name", m.get("method", "?")), "steps": st.get("steps"),
+            "accuracy": st["accuracy"], "fd_ratio": m["fd_ratio_to_teacher"],
+            "fd_ratio_seed_std": st.get("fd_digits_std", 0.0) / m["teacher"]["fd_digits"],
+            "wall_seconds": wall, "wall_approx": approx, "generator_updates": gen, "updates": updates}
+
+
+def methods_table(paths: list[str], out: Path) -> Path:
+    facts = [run_facts(r) for r in find_runs(paths)]
+    if not facts:
+        raise SystemExit("error: no run folder with metrics.json found under " + " ".join(paths))
+    groups: dict[tuple, list[dict]] = {}
+    for f in facts:
+        groups.setdefault((f["method"], f["steps"]), []).append(f)
+    rows = []
+    for (method, steps), fs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        ratios = [f["fd_ratio"] for f in fs]
+        # spread: std over runs (seeds) when there are several, else the std over evaluation seeds
+        spread = float(np.std(ratios)) if len(fs) > 1 else fs[0]["fd_ratio_seed_std"]
+        walls = [f["wall_seconds"] for f in fs if f["wall_seconds"] is not None]
+        rows.append({"method": method, "steps": steps, "runs": len(fs), "accuracy": float(np.mean([f["accuracy"] for f in fs])),
+                     "fd_ratio": float(np.mean(ratios)), "fd_ratio_spread": spread,
+                     "wall_seconds": float(np.mean(walls)) if walls else None,
+                     "wall_approx": any(f["wall_approx"] for f in fs),
+                     "generator_updates": float(np.mean([f["generator_updates"] for f in fs])),
+                     "run_dirs": [f["run"] for f in fs]})
+    lines = ["# Methods x steps (digits)", "", NOTE + " FD ratio = student FD-digits / teacher 50-step FD-digits.",
+             "", "| method | steps | runs | class accuracy | FD ratio (mean ± spread) | wall time (s) | generator updates |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        wall = "–" if r["wall_seconds"] is None else f"{'~' if r['wall_approx'] else ''}{r['wall_seconds']:.0f}"
+        lines.append(f"| {r['method']} | {r['steps']} | {r['runs']} | {r['accuracy']:.3f} | "
+                     f"{r['fd_ratio']:.3g} ± {r['fd_ratio_spread']:.2g} | {wall} | {r['generator_updates']:.0f} |")
+    lines += ["", "Spread: std over runs when a row pools several runs, else the std over evaluation seeds. "
+              "~: wall time estimated from file times (metrics.json has no train_seconds).", ""]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "methods.md").write_text("\n".join(lines))
+    (out / "methods.json").write_text(json.dumps({"rows": rows, "runs": facts, "note": NOTE}, indent=2))
+    return out / "methods.md"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", nargs="*", help="student directories (exported pipelines), or run folders with "
+                   "--methods-table")
+    p.add_argument("--teacher", default=None, help="teacher directory (default: the bundled digits teacher)")
+    p.add_argument("--out", type=Path, default=Path("reports/benchmark"), help="report folder")
+    p.add_argument("--methods-table", action="store_true", help="build the methods x steps table from each run's "
+                   "metrics.json instead of benchmarking")
+    p.add_argument("--samples", type=int, default=2000, help="images per seed for accuracy and FD-digits")
+    p.add_argument("--seeds", type=parse_ints, default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--teacher-steps", type=parse_ints, default=[1, 2, 4, 8, 50],
+                   help="teacher step counts for the quality-vs-NFE curve (50 is always included)")
+    p.add_argument("--teacher-guidance", type=float, default=2.0, help="teacher CFG, uncond + w (cond - uncond)")
+    p.add_argument("--batch", type=int, default=100, help="batch size of the throughput measurement")
+    p.add_argument("--repeats", type=int, default=3, help="timed throughput repeats after a warm-up")
+    p.add_argument("--latency-repeats", type=int, default=10, help="timed batch-1 calls after a warm-up")
+    p.add_argument("--speed-child", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if args.speed_child:
+        speed_child(args.speed_child)
+        return 0
+    import matplotlib
+
+    matplotlib.use("Agg")
+    if args.methods_table:
+        print(f"wrote {methods_table(args.models, args.out)}")
+        return 0
+    import torch
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    report = benchmark(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    plot_quality(report["rows"], args.out)
+    plot_speed(report["rows"], args.out)
+    plot_samples(report["rows"], args.out)
+    print((write_report(report, args.out)).read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Phased DMD and consistency distillation: subinterval transition marginals, consistency boundary
+condition, pseudo-Huber gradient, the DDIM teacher solver against diffusers, turn isolation, the train
+scripts end to end with exports that reload without fewstep, and convergence on the exact toy teacher."""
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+
+from fewstep import build, cli, loop
+from fewstep.presets import PRESETS
+from fewstep.conditioning import Cond
+from fewstep.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from fewstep.losses import pseudo_huber
+from fewstep.methods.consistency import Consistency, ConsistencyConfig, ConsistencyGenerator, ddim_step
+from fewstep.methods.phased_dmd import PhasedDMD, PhasedDMDConfig, PhasedGenerator
+from fewstep.parameterization import to_x0
+from fewstep.schedules import RectifiedFlow, VPDiscrete
+from fewstep.timesteps import from_timesteps
+
+ROOT = Path(__file__).resolve().parents[1]
+T_LIST = (999, 749, 499, 249)
+
+
+@pytest.mark.parametrize("schedule", [VPDiscrete.from_betas(beta_schedule="squaredcos_cap_v2"), RectifiedFlow()])
+def test_transition_composes_to_the_forward_marginal(schedule):
+    """add_noise(x0, s) then transition(s -> t) has mean alpha_t x0 and variance sigma_t^2. With n = 400k draws
+    the sample mean's standard error is sigma_t / sqrt(n) and the variance's is sigma_t^2 sqrt(2 / n): 5 of each."""
+    n = 400_000
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.full((n,), 0.7)
+    for s, t in [(0.3, 0.5), (0.5, 0.98), (0.02, 0.1)]:
+        s_, t_ = torch.full((n,), s), torch.full((n,), t)
+        x_t = schedule.transition(schedule.add_noise(x0, torch.randn(n, generator=g), s_), s_, t_,
+                                  torch.randn(n, generator=g))
+        a, sg = float(schedule.alpha(torch.tensor(t))), float(schedule.sigma(torch.tensor(t)))
+        assert abs(x_t.mean().item() - a * 0.7) < 5 * sg / n ** 0.5
+        assert abs(x_t.var().item() - sg ** 2) < 5 * sg ** 2 * (2 / n) ** 0.5
+
+
+def test_consistency_boundary_condition(tiny_teacher_dir):
+    teacher = build.load_teacher(ModelConfig(teacher=str(tiny_teacher_dir)))
+    gen = ConsistencyGenerator(teacher.denoiser, from_timesteps(T_LIST, teacher.denoiser.schedule), 10.0)
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = Cond(labels=torch.tensor([1, 2, 3]))
+    with torch.no_grad():
+        assert torch.equal(gen.f(teacher.denoiser, x, torch.zeros(3), cond), x)          # c_skip = 1, c_out = 0
+        s = torch.full((3,), 0.5)
+        torch.testing.assert_close(gen.jump(teacher.denoiser, x, s, s, cond), x)        # F_s(x, s) = x
+        t = torch.full((3,), 20 / 999)     # 20 timesteps up: c_skip < 1e-5, so f is the x0 prediction
+        torch.testing.assert_close(gen.f(teacher.denoiser, x, t, cond), teacher.denoiser(x, t, cond),
+                                   atol=1e-4, rtol=0)
+
+
+def test_pseudo_huber_gradient_matches_closed_form():
+    g = torch.Generator().manual_seed(0)
+    pred = (torch.randn(4, 3, 5, 5, generator=g) * 1e-2).requires_grad_(True)
+    target = torch.randn(4, 3, 5, 5, generator=g) * 1e-2
+    c = 1e-3
+    pseudo_huber(pred, target, c).backward()
+    d = pred.detach() - target
+    torch.testing.assert_close(pred.grad, d / torch.sqrt(d ** 2 + c * c) / d.numel())
+    assert torch.isclose(pseudo_huber(pred, target, 0.0), (d ** 2).mean())
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_teacher_solver_equals_one_ddim_step(prediction_type):
+    ddim = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type, clip_sample=False,
+                         set_alpha_to_one=False)
+    ddim.set_timesteps(50)      # leading spacing: 980, 960, ..., 0, a skip of 20 as in LCM
+    sch = VPDiscrete.from_betas(beta_schedule="squaredcos_cap_v2")
+    g = torch.Generator().manual_seed(1)
+    for t in (980, 500, 20):
+        x_t = torch.randn(2, 1, 4, 4, generator=g)
+        out_c, out_u = torch.randn(2, 2, 1, 4, 4, generator=g)
+        out = out_u + 2.5 * (out_c - out_u)          # CFG inside the solver, the same guided output for both
+        ref = ddim.step(out, t, x_t, eta=0.0).prev_sample
+        tt, ss = torch.full((2,), t / 999), torch.full((2,), (t - 20) / 999)
+        ours = ddim_step(sch, x_t, tt, ss, to_x0(out, x_t, tt, prediction_type, sch))
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def _run_cfg(teacher_dir, out, method_name, mcfg, t_list, optim):
+    return RunConfig(method_name=method_name, method=mcfg, optim=optim,
+                     model=ModelConfig(teacher=str(teacher_dir), student_timesteps=t_list, gan_head=False),
+                     data=DataConfig(batch_size=4), train=TrainConfig(output_dir=str(out), max_steps=8, evaluate=False))
+
+
+def _methods(teacher_dir, out):
+    """A 4-phase PhasedDMD and a segmented consistency method on the tiny teacher, with their sources."""
+    from fewstep.data import ClassLabelSource
+
+    g = torch.Generator().manual_seed(0)
+    source = ClassLabelSource(torch.rand(20, 1, 8, 8, generator=g) * 2 - 1, torch.arange(20) % 10, 10, 10, 4)
+    cfg = _run_cfg(teacher_dir, out, "phased_dmd", PhasedDMDConfig(student_every=1), T_LIST, {})
+    teacher = build.load_teacher(cfg.model)
+    student = PhasedGenerator.from_students([build.make_student(teacher, cfg.model) for _ in T_LIST])
+    phased = PhasedDMD(cfg.method, teacher.denoiser, student, build.make_critic(teacher, cfg.model), 8)
+    teacher2 = build.load_teacher(cfg.model)
+    cons = Consistency(ConsistencyConfig(segment_schedule=(8, 4), w_min=1.5, w_max=3.0), teacher2.denoiser,
+                       build.make_student(teacher2, cfg.model), 8)
+    return (phased, teacher), (cons, teacher2), source
+
+
+def test_every_turn_touches_only_its_parameters_and_teacher_is_unchanged(tiny_teacher_dir, tmp_path):
+    (phased, teacher), (cons, teacher2), source = _methods(tiny_teacher_dir, tmp_path)
+    for method, t, steps in ((phased, teacher, (0, 2, 4, 7)), (cons, teacher2, (0, 7))):
+        before = copy.deepcopy(t.denoiser.backbone.model.state_dict())
+        params = method.trainable()
+        owner = {id(p): name for name, ps in params.items() for p in ps}
+        for step in steps:
+            for turn in [tr.name for tr in method.turns]:
+                loop._set_turn(params, turn)
+                loss, logs = method(turn, source.batch(step, 0), step)
+                assert torch.isfinite(loss), (type(method).__name__, turn, step)
+                loss.backward()
+                for p in method.parameters():
+                    assert p.grad is None or owner.get(id(p)) == turn, f"{turn} left a gradient elsewhere"
+                assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params[turn])
+                if turn == "student" and method is phased:   # only the expert of this step's phase learns
+                    live = [i for i, e in enumerate(phased.student.experts)
+                            if any(p.grad is not None for p in e.parameters())]
+                    assert live == [phased.phase(step)], (step, live)
+                method.zero_grad(set_to_none=True)
+            method.after_step(step)
+        for k, v in t.denoiser.backbone.model.state_dict().items():
+            assert torch.equal(v, before[k]), f"teacher weight {k} changed"
+    assert [phased.phase(s) for s in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [cons.segments_at(s) for s in range(8)] == [8, 8, 8, 8, 4, 4, 4, 4]
+
+
+ISOLATED = """
+import sys, importlib.abc, json
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("fewstep", "fewstep_pipelines"):
+            raise ImportError(f"{name} is blocked in this test")
+sys.meta_path.insert(0, Block())
+import torch
+torch.set_num_threads(1)
+from diffusers import DiffusionPipeline
+out = {}
+for folder in sys.argv[2:]:
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    out[folder, "scheduler"] = type(pipe.scheduler).__name__
+    for steps in (1, 4):
+        g = torch.Generator().manual_seed(7)
+        out[folder, steps] = pipe([0, 3, 5, 9], num_inference_steps=steps, generator=g, output_type="pt").images
+    out[folder, None] = pipe([0, 3, 5, 9], generator=torch.Generator().manual_seed(7), output_type="pt").images
+torch.save(out, sys.argv[1])
+"""
+
+
+def _train_script(name):
+    spec = importlib.util.spec_from_file_location(f"train_{name}", ROOT / "train" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fewstep_samples(out_dir, steps):
+    """fewstep's own sampler for the exported weights: the run's preset rebuilt, the exported weights loaded."""
+    saved = json.loads((out_dir / "config.json").read_text())
+    cfg = PRESETS[saved["method_name"]][saved["preset"]]()
+    cfg.model.teacher = saved["model"]["teacher"]
+    method = _train_script(saved["method_name"]).make_method(cfg, build.load_teacher(cfg.model))
+    for i, d in enumerate(getattr(method.student, "experts", [method.student.denoiser])):
+        sub = "unet" if i == 0 else f"unet_{i}"
+        d.backbone.model.load_state_dict(UNet2DModel.from_pretrained(out_dir, subfolder=sub).state_dict())
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn(4, 1, 8, 8, generator=g)
+    x0 = method.student.sample(noise, Cond(labels=torch.tensor([0, 3, 5, 9])), generator=g, steps=steps)
+    return (x0.clamp(-1, 1) + 1) / 2
+
+
+def test_train_scripts_run_and_exports_match_fewstep_without_fewstep(tiny_teacher_dir, tmp_path):
+    """3-step runs of both scripts (phased DMD with experts that differ, LCM, segmented consistency); each
+    export reloads in a Python where fewstep cannot be imported and equals fewstep's sampler (1 and 4 steps)."""
+    common = ["--model.teacher", str(tiny_teacher_dir), "--train.max_steps", "3", "--train.evaluate", "false",
+              "--data.batch_size", "4"]
+    runs = {"phased": ("phased_dmd", ["--method.student_every", "1", "--optim.student.lr", "0.01"]),
+            "lcm": ("consistency", []), "tscd": ("consistency", ["--preset", "digits_tscd"])}
+    for key, (script, extra) in runs.items():
+        module = _train_script(script)
+        cli.run(script, module.__doc__, f"train/{script}.py", f"digits_{script}", module.make_method,
+                argv=[*extra, *common, "--train.output_dir", str(tmp_path / key)])
+        assert (tmp_path / key / "model_index.json").is_file()
+    experts = [UNet2DModel.from_pretrained(tmp_path / "phased", subfolder=s).state_dict()["conv_in.weight"]
+               for s in ("unet", "unet_1", "unet_2", "unet_3")]
+    assert not torch.equal(experts[0], experts[1]) and not torch.equal(experts[1], experts[2])
+    res = tmp_path / "iso.pt"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    dirs = [str(tmp_path / k) for k in runs]
+    p = subprocess.run([sys.executable, "-c", ISOLATED, str(res), *dirs], capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    iso = torch.load(res)
+    assert [iso[d, "scheduler"] for d in dirs] == ["FewStepScheduler", "LCMScheduler", "FewStepScheduler"]
+    for d in dirs:
+        torch.testing.assert_close(iso[d, None], iso[d, 4], rtol=0, atol=0)   # default = the trained 4 steps
+        for steps in (1, 4):
+            torch.testing.assert_close(iso[d, steps], _fewstep_samples(Path(d), steps), rtol=0, atol=1e-5)
