@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from . import config as C
@@ -102,9 +103,11 @@ def run(method_name: str, doc: str, prog: str, default_preset: str, make_method,
     method.to(accelerator.device)
     if hasattr(source, "to"):     # text-to-image: prompt encoders and VAE run beside the backbones
         source.to(accelerator.device)
+    started = time.perf_counter()
     result = loop.train(cfg, method, source, accelerator,
                         on_sample=lambda step, ema: sample_grid(cfg, method, source, ema, step))
     accelerator.end_training()
+    result["train_seconds"] = time.perf_counter() - started
     if accelerator.is_main_process:
         export_student(cfg, teacher, method, result["ema"])
         if cfg.train.evaluate:

@@ -265,18 +265,18 @@ def teacher_reference(teacher_dir: Path, n: int, seeds=(0, 1, 2)) -> dict:
     """The teacher's own figures (50 DDIM steps, its CFG; and 1 step), cached beside the teacher."""
     from . import digits_eval
 
-    cache = teacher_dir / "reference_metrics.json"
-    if cache.is_file():
-        ref = json.loads(cache.read_text())
-        if ref.get("num_samples") == n and ref.get("seeds") == list(seeds):
-            return ref
+    cache = teacher_dir / "reference_metrics.json"     # {"<num_samples>": figures}, one entry per sample count
+    table = json.loads(cache.read_text()) if cache.is_file() else {}
+    ref = table.get(str(n))
+    if ref is not None and ref.get("seeds") == list(seeds):
+        return ref
     pipe = digits_eval.load_pipeline(teacher_dir)
     ref = digits_eval.score(pipe, n, seeds, steps=50, guidance_scale=2.0)
     one = digits_eval.score(pipe, n, seeds, steps=1, guidance_scale=2.0)
     ref.update({"steps": 50, "guidance_scale": 2.0, "one_step_fd_digits": one["fd_digits"],
                 "one_step_accuracy": one["accuracy"]})
     try:
-        cache.write_text(json.dumps(ref, indent=2))
+        cache.write_text(json.dumps({**table, str(n): ref}, indent=2))
     except OSError:
         pass   # read-only install: recomputed next time
     return ref
@@ -304,7 +304,8 @@ def write_metrics(cfg: RunConfig, result: dict) -> dict:
          "fd_ratio_to_teacher": s["fd_digits"] / ref["fd_digits"],
          "fd_ratio_to_teacher_one_step": s["fd_digits"] / ref["one_step_fd_digits"],
          "speedup_images_per_s": speed_s["images_per_s"] / speed_t["images_per_s"],
-         "updates": result["updates"], "steps": result["step"], "eval_seconds": time.perf_counter() - t0,
+         "updates": result["updates"], "steps": result["step"], "train_seconds": result.get("train_seconds"),
+         "eval_seconds": time.perf_counter() - t0,
          "note": "FD-digits is a Frechet distance in the bundled digits net's feature space, not FID."}
     (out / "metrics.json").write_text(json.dumps(m, indent=2))
     print(json.dumps({k: m[k] for k in ("fd_ratio_to_teacher", "fd_ratio_to_teacher_one_step", "speedup_images_per_s")}
