@@ -104,8 +104,12 @@ def run(method_name: str, doc: str, prog: str, default_preset: str, make_method,
     if hasattr(source, "to"):     # text-to-image: prompt encoders and VAE run beside the backbones
         source.to(accelerator.device)
     started = time.perf_counter()
-    result = loop.train(cfg, method, source, accelerator,
-                        on_sample=lambda step, ema: sample_grid(cfg, method, source, ema, step))
+    try:
+        result = loop.train(cfg, method, source, accelerator,
+                            on_sample=lambda step, ema: sample_grid(cfg, method, source, ema, step))
+    except (loop.NonFiniteError, loop.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     accelerator.end_training()
     result["train_seconds"] = time.perf_counter() - started
     if accelerator.is_main_process:

@@ -15,7 +15,12 @@ from dataclasses import dataclass, field
 
 
 class ConfigError(ValueError):
-    """A bad configuration value, preset, override or output directory (exit code 2)."""
+    """A bad configuration value, preset, override or output directory (exit code 2).
+
+    The message stays one line even when it quotes user input holding line breaks."""
+
+    def __init__(self, message: str):
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
 
 
 @dataclass

@@ -26,6 +26,19 @@ class NonFiniteError(RuntimeError):
     """Raised after ``train.max_nonfinite`` consecutive updates with a non-finite loss or gradient."""
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions); the previous one is intact."""
+
+
+def _save(ckpt_dir, step, state, t) -> None:
+    try:
+        checkpoint.save(ckpt_dir, step, state, t.keep_last, t.keep_every)
+    except OSError as e:
+        raise CheckpointError(f"could not write the step-{step} checkpoint under {ckpt_dir}: {e}; free disk space or "
+                              f"fix permissions, then re-run the same command to resume from "
+                              f"{checkpoint.latest(ckpt_dir) or 'the start'} (left intact)") from None
+
+
 def _set_turn(params: dict, turn: str) -> None:
     """Only the parameters of ``turn`` require gradients while it runs."""
     for name, ps in params.items():
@@ -141,7 +154,7 @@ def train(cfg: RunConfig, method, data, accelerator, on_sample=None, on_checkpoi
         if step % t.checkpoint_every == 0 or step == t.max_steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                checkpoint.save(ckpt_dir, step, _state(method, opts, ema, step, nonfinite), t.keep_last, t.keep_every)
+                _save(ckpt_dir, step, _state(method, opts, ema, step, nonfinite), t)
             accelerator.wait_for_everyone()
     bar.close()
     if trace_file:
