@@ -88,7 +88,7 @@ class RunConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-RESUME_SAFE = ("train.max_steps", "train.overwrite", "train.evaluate", "train.eval_samples", "train.log_every",
+RESUME_SAFE = ("train.max_steps", "data.batch_size", "train.overwrite", "train.evaluate", "train.eval_samples", "train.log_every",
                "train.sample_every", "train.checkpoint_every", "train.keep_last", "train.keep_every",
                "train.max_nonfinite")
 

@@ -6,18 +6,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def launch(nproc, batch, out, teacher, trace):
+def launch(nproc, batch, out, teacher, trace, steps=6):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FEWSTEP_TRACE": str(trace)}
     # Adam eps 1e-3: Adam's first steps are ~lr * sign(g) for tiny gradients, so round-off differences of the
     # all-reduce would flip whole steps; a larger eps keeps the update proportional to the gradient.
     args = ["train/dmd2.py", "--preset", "digits_dmd2_4step", "--model.teacher", str(teacher),
-            "--train.output_dir", str(out), "--train.max_steps", "6", "--train.evaluate", "false",
+            "--train.output_dir", str(out), "--train.max_steps", str(steps), "--train.checkpoint_every", "2", "--train.evaluate", "false",
             "--data.batch_size", str(batch), "--method.student_every", "2",
             "--optim.student.eps", "1e-3", "--optim.critic.eps", "1e-3"]
     if nproc == 1:
@@ -48,3 +49,19 @@ def test_two_processes_match_one(tiny_teacher_dir, tmp_path):
     w2 = load_file(tmp_path / "two" / "unet" / "diffusion_pytorch_model.safetensors")
     worst = max((w1[k] - w2[k]).abs().max().item() for k in w1)
     assert worst < 1e-4, worst
+
+
+def weights(run):
+    return load_file(run / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+@pytest.mark.slow
+def test_resume_across_process_counts(tiny_teacher_dir, tmp_path):
+    """A checkpoint written by 2 processes resumes in 1, and the reverse, ending where a 1-process run ends."""
+    launch(1, 4, tmp_path / "ref", tiny_teacher_dir, tmp_path / "tr")
+    for first, then, name in ((2, 1, "two_then_one"), (1, 2, "one_then_two")):
+        out = tmp_path / name
+        launch(first, 4 // first, out, tiny_teacher_dir, tmp_path / f"{name}_a", steps=4)
+        launch(then, 4 // then, out, tiny_teacher_dir, tmp_path / f"{name}_b", steps=6)
+        ref, got = weights(tmp_path / "ref"), weights(out)
+        assert max((ref[k] - got[k]).abs().max().item() for k in ref) < 1e-4, name
