@@ -130,8 +130,8 @@ def dmd_weighted(x: Tensor, x0_real: Tensor, x0_fake: Tensor, h: Tensor, eps: fl
 
 
 def pseudo_huber(pred: Tensor, target: Tensor, c: float = 1e-3) -> Tensor:
-    """Pseudo-Huber loss ``mean(sqrt((pred - target)^2 + c^2) - c)`` (Song & Dhariwal 2023, arXiv 2310.14189,
-    section 3.3; LCM, arXiv 2310.04378, uses c = 0.001 elementwise). ``c = 0`` falls back to the l2 loss
+    """Pseudo-Huber loss ``mean(sqrt((pred - target)^2 + c^2) - c)`` (improved consistency training, Song &
+    Dhariwal 2023, arXiv 2310.14189; the LCM scripts use c = 0.001 elementwise). ``c = 0`` falls back to the l2 loss
     ``mean((pred - target)^2)``. Gradient: ``d loss / d pred = (pred - target) / sqrt((pred - target)^2 + c^2)
     / pred.numel()``: l2-like for errors below c, l1-like (robust) above."""
     d = pred.float() - target.detach().float()

@@ -2,43 +2,40 @@
 models, Song et al. 2023, arXiv 2303.01469) and their segmented variants, Hyper-SD's trajectory segmented
 consistency distillation (TSCD, arXiv 2404.13686) and phased consistency models (PCM, arXiv 2405.18407).
 
-Implemented (LCM Algorithm 1, "latent consistency distillation"):
+Implemented (LCM's latent consistency distillation, as diffusers' train_lcm_distill_* scripts run it):
 
-- the consistency function ``f(x, t) = c_skip(t) x + c_out(t) x0_theta(x, t)`` with LCM's boundary scalings
+- the consistency function ``f(x, t) = c_skip(t) x + c_out(t) x0_theta(x, t)`` with the boundary scalings
   ``c_skip = sigma_data^2 / ((10 tau)^2 + sigma_data^2)``, ``c_out = 10 tau / sqrt((10 tau)^2 + sigma_data^2)``,
-  sigma_data = 0.5 and tau the backbone timestep (``schedule.timestep(t)``, 0..999 for VP), exactly as
-  diffusers' ``LCMScheduler`` computes them, so ``f(x, 0) = x``;
-- the DDIM teacher solver (the augmented PF-ODE with CFG) from ``t_{n+k}`` to ``t_n``:
-  ``x_prev = alpha_{t_n} x0_w + sigma_{t_n} eps_w``, ``x0_w = x0_u + w (x0_c - x0_u)`` and eps_w implied by
-  it, on LCM's grid of N = ``num_ddim_steps`` times (skip k = 1000 / N = 20), from real data
-  ``x_{t_{n+k}} = alpha x0 + sigma eps``;
+  sigma_data = 0.5, tau the backbone timestep (``schedule.timestep(t)``, 0..999 for VP), exactly as
+  diffusers' ``LCMScheduler`` computes them: ``f(x, 0) = x``;
+- the DDIM teacher solver of the CFG-augmented PF-ODE from ``t_{n+k}`` to ``t_n``: ``x_prev = alpha_{t_n} x0_w
+  + sigma_{t_n} eps_w`` with ``x0_w = x0_u + w (x0_c - x0_u)`` and eps_w implied by it, on LCM's grid of
+  N = ``num_ddim_steps`` times (skip k = 1000 / N = 20), from real data ``x_{t_{n+k}} = alpha x0 + sigma eps``;
 - ``w ~ U[w_min, w_max]`` per sample in fewstep's convention ``uncond + w (cond - uncond)``. LCM writes
-  ``cond + omega (cond - uncond)`` (and the diffusers scripts sample that omega in [w_min, w_max] = [5, 15] for
-  SD1.5, [3, 15] for LCM-LoRA), so fewstep's w = omega + 1; the optional w-embedding (``Cond.guidance``)
-  embeds omega = w - 1 as diffusers pipelines do (``guidance_scale - 1``);
-- the loss ``d(f_theta(x_{t_{n+k}}), f_theta^-(x_prev, t_n))`` with the pseudo-Huber distance and an EMA target
-  ``theta^- <- mu theta^- + (1 - mu) theta`` after every step. In lora mode the target is the student itself
-  without gradient (the LCM-LoRA scripts; an EMA of a shared base would copy the base) and the teacher is the
-  base with adapters disabled (``build._lora_role``);
+  ``cond + omega (cond - uncond)`` and the diffusers scripts sample omega in [5, 15] (SD1.5) or [3, 15]
+  (LCM-LoRA), so w = omega + 1; the optional w-embedding (``Cond.guidance``, UNet ``timestep_cond``) embeds
+  omega = w - 1, as diffusers pipelines feed ``guidance_scale - 1``;
+- the loss ``d(f_theta(x_{t_{n+k}}, t_{n+k}), f_theta^-(x_prev, t_n))`` with the pseudo-Huber distance and an
+  EMA target ``theta^- <- mu theta^- + (1 - mu) theta`` after every step. In lora mode the target is the
+  student without gradient (LCM-LoRA; an EMA would copy the shared base) and the teacher is the base with
+  adapters disabled (``build._lora_role``);
 - segments (TSCD / PCM): M segments with upper edges ``1 - m / M`` (timesteps 999, 749, 499, 249 for M = 4).
-  A start time in segment ``(s, e]`` is mapped onto its lower edge s by ``F_s(x, t) = alpha_s x0_f + sigma_s
-  eps(x0_f)``, the DDIM jump with the boundary-scaled x0 ``x0_f = f(x, t)`` (``F_0 = f``); the solver step is
-  clipped at s so ``t_n >= s``, and ``F_s(x, s) = x`` is the boundary condition at every edge. PCM uses
-  c_skip = 0, c_out = 1 here, which our c_skip (< 1e-5 at tau >= 20) equals to within 1e-5. M = 1 is plain LCM.
-  ``segment_schedule`` trains stages with M = 8, 4, 2, 1 ... for equal step budgets (TSCD's progression).
+  A start time in ``(s, e]`` maps onto the lower edge s by ``F_s(x, t) = alpha_s x0_f + sigma_s eps(x0_f)``, the
+  DDIM jump with the boundary-scaled ``x0_f = f(x, t)`` (``F_0 = f``); the solver step is clipped at s, and
+  ``F_s(x, s) = x`` is the boundary condition at every edge. PCM's c_skip = 0, c_out = 1 equal ours to 1e-5
+  at tau >= 20. M = 1 is plain LCM; ``segment_schedule`` (e.g. 8, 4, 2, 1) runs TSCD's stages, equal budgets.
 
-Sampling: with one final segment, LCM's multistep sampler (boundary-scaled x0, then fresh noise to the next
-time), exported as a stock ``LCMScheduler`` with ``original_inference_steps = K`` so ``num_inference_steps=K``
-gives the student's t-list. With M > 1 final segments the student samples on its segment edges by the
-deterministic jumps F_s (PCM's sampler, DDIM eta = 0 / TCD gamma = 0), exported as ``FewStepScheduler(renoise=
-"ddim", timestep_scaling=10)``: ``TCDScheduler(timestep_spacing="trailing")`` with eta = 0 takes the same
-jumps but ends on timestep 0's noise level without boundary scalings, so it reproduces fewstep's sampler only
-to about sigma_0 (~0.006) and is the recipe for loading the weights into a stock text-to-image pipeline.
+Sampling: with one final segment, LCM's multistep sampler (boundary-scaled x0, fresh noise to the next time),
+exported as a stock ``LCMScheduler`` with ``original_inference_steps = K``, so ``num_inference_steps=K`` gives
+the student's t-list. With M > 1 final segments the student jumps deterministically between its segment edges
+(PCM's sampler; DDIM eta = 0 / TCD gamma = 0), exported as ``FewStepScheduler(renoise="ddim",
+timestep_scaling=10)``. ``TCDScheduler(timestep_spacing="trailing")`` with eta = 0 takes the same jumps but
+ends at timestep 0's noise level without scalings (off by sigma_0: 0.006 cosine, 0.03 SD betas): the recipe for
+stock text-to-image pipelines, not a bit-exact one.
 
 Config fields -> paper symbols: ``w_min``/``w_max`` = omega range + 1; ``num_ddim_steps`` = N (k = T / N);
-``target_decay`` = mu (0.95); ``huber_c`` = c (0.001; 0 = l2); ``timestep_scaling`` = 10;
-``segments`` = M; ``segment_schedule`` = TSCD's stages; ``w_embedding``/``w_embedding_dim`` = LCM's
-w-condition and its sinusoidal dimension (256).
+``target_decay`` = mu (0.95); ``huber_c`` = c (0.001; 0 = l2); ``timestep_scaling`` = 10; ``segments`` = M;
+``segment_schedule`` = TSCD's stages; ``w_embedding``/``w_embedding_dim`` = LCM's w-condition (dim 256).
 """
 from __future__ import annotations
 
@@ -99,7 +96,8 @@ def with_w_condition(denoiser: Denoiser, dim: int) -> None:
     if "time_cond_proj_dim" not in model.config or isinstance(denoiser.adapter, str):
         raise ConfigError("--method.w_embedding needs a full-mode backbone with a timestep_cond input "
                           "(time_cond_proj_dim, e.g. UNet2DConditionModel); leave it off for this teacher")
-    new = type(model).from_config({**model.config, "time_cond_proj_dim": dim})
+    config = {k: v for k, v in model.config.items() if k != "_use_default_values"}   # it would reset the dim
+    new = type(model).from_config({**config, "time_cond_proj_dim": dim})
     missing = set(new.load_state_dict(model.state_dict(), strict=False).missing_keys)
     with torch.no_grad():
         for name, p in new.named_parameters():

@@ -1,5 +1,5 @@
 """Phased DMD: few-step distribution matching distillation with score matching within subintervals
-(Fan et al. 2025, arXiv 2510.27684), as a delta over DMD2 (arXiv 2405.14867, ``dmd2.py``).
+(arXiv 2510.27684), as a delta over DMD2 (arXiv 2405.14867, ``dmd2.py``).
 
 The student's t-list ``t_0 > t_1 > ... > t_{K-1}`` (``t_K = 0``) is cut into P phases, contiguous groups of
 steps; phase p covers the SNR subinterval ``[s_p, e_p]`` with ``e_p`` its first time and ``s_p`` the first
@@ -19,8 +19,8 @@ high/low-noise experts are P = 2). Implemented:
   affine in x0 with a positive factor, so this is the direction of the gradient with respect to x_s; the
   dropped factor ``alpha alpha_s`` is one more time weighting on top of DMD's normalizer;
 - score matching within subintervals (the paper's derivation, LightX2V's ``phased_velocity_target``): the
-  fake score of the diffused expert outputs is ``E[grad log q(x_t | x_s) | x_t] = -E[(x_t - alpha x_s) / beta^2 | x_t]``,
-  so the critic regresses the noise ``eps_target = (sigma_t / beta) eps`` (x0 target
+  fake score of the diffused expert outputs is ``E[grad log q(x_t | x_s) | x_t]``
+  ``= -E[(x_t - alpha x_s) / beta^2 | x_t]``, so the critic regresses ``eps_target = (sigma_t / beta) eps`` (x0 target
   ``(x_t - sigma_t eps_target) / alpha_t``, converted to the critic's output type). For s = 0 it is the usual
   denoising target. The variance ``sigma_t / beta`` grows as t -> s, hence the margin. One critic serves every
   phase: their time ranges are disjoint.
