@@ -73,3 +73,22 @@ def test_committed_teacher_loads_with_plain_diffusers():
     with torch.no_grad():
         v = unet(x_t, torch.tensor([999, 500, 1]), class_labels=torch.tensor([0, 7, NULL_CLASS])).sample
     assert v.shape == (3, 1, 16, 16) and torch.isfinite(v).all()
+
+
+def test_bundled_teacher_is_a_loadable_pipeline_with_current_code(tmp_path, monkeypatch):
+    """The teacher folder carries a copy of pipelines/pipeline_fewstep.py; it must not drift from the source."""
+    from pathlib import Path
+
+    from diffusers import DiffusionPipeline
+
+    root = Path(__file__).resolve().parents[1]
+    teacher = root / "fewstep" / "assets" / "digits_teacher"
+    assert (teacher / "pipeline_fewstep.py").read_text() == (root / "pipelines" / "pipeline_fewstep.py").read_text()
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path))
+    pipe = DiffusionPipeline.from_pretrained(teacher, trust_remote_code=True)
+    assert type(pipe).__name__ == "FewStepClassPipeline"
+    import torch
+
+    x = pipe([3], num_inference_steps=2, guidance_scale=2.0, generator=torch.Generator().manual_seed(0),
+             output_type="pt").images
+    assert x.shape == (1, 1, 16, 16)
