@@ -53,8 +53,8 @@ def gan_d(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
 
 def sid(x_g: Tensor, y_real: Tensor, y_fake: Tensor, alpha: float = 1.2, y_fake_2: Tensor | None = None,
         eps: float = 1e-5) -> tuple[Tensor, dict]:
-    """Score identity Distillation generator loss (Zhou et al., ICML 2024, arXiv 2404.04057, eq. 14/19;
-    SiD-LSG arXiv 2406.01561 eq. 9 with kappa_2 / kappa_3 for the two critic terms).
+    """Score identity Distillation generator loss (Zhou et al., ICML 2024, arXiv 2404.04057;
+    SiD-LSG arXiv 2406.01561 with kappa_2 / kappa_3 for the two critic terms).
 
     ``L = mean_b sum_pixels d * ((y_real - x_g) - alpha (y_real - y_fake_2)) / w_b``, ``d = y_real - y_fake``,
     ``w_b = sg(mean_pixels |x_g - y_real|)`` (per sample), with ``y_fake_2 = y_fake`` unless given.
@@ -85,7 +85,7 @@ F_ALIASES = {"rkl": "reverse_kl", "kl": "forward_kl", "sh": "squared_hellinger",
 
 def fdiv_weight(r: Tensor, divergence: str, normalize: bool = True) -> Tensor:
     """Per-sample weight ``h(r) = f''(r) r^2`` of the f-divergence gradient, normalised to mean 1
-    (f-distill, Xu, Nie & Vahdat, arXiv 2502.15681, eq. 8 and section 3.3), with ``r = p / q`` the
+    (f-distill, Xu, Nie & Vahdat, arXiv 2502.15681), with ``r = p / q`` the
     teacher-over-student density ratio:
 
         reverse_kl 1 | forward_kl r | js r / (1 + r) | squared_hellinger sqrt(r) | jeffreys 1 + r | neyman 1 / r
@@ -116,8 +116,8 @@ def fdiv_weight(r: Tensor, divergence: str, normalize: bool = True) -> Tensor:
 
 
 def dmd_weighted(x: Tensor, x0_real: Tensor, x0_fake: Tensor, h: Tensor, eps: float = 1e-6) -> tuple[Tensor, dict]:
-    """``losses.dmd`` with a per-sample weight on its gradient: ``d loss / d x = h g / x.numel()`` (f-distill
-    eq. 8). The operations match ``dmd`` exactly, so ``h = 1`` gives DMD's loss and gradient bit for bit."""
+    """``losses.dmd`` with a per-sample weight on its gradient: ``d loss / d x = h g / x.numel()`` (f-distill).
+    The operations match ``dmd`` exactly, so ``h = 1`` gives DMD's loss and gradient bit for bit."""
     x32, real, fake = x.float(), x0_real.detach().float(), x0_fake.detach().float()
     with torch.no_grad():
         w = per_sample_mean((x32 - real).abs()).clamp_min(eps)

@@ -45,7 +45,8 @@ class ToyGMMModel(ModelMixin, ConfigMixin):
         mu = torch.as_tensor(means, dtype=torch.float32)
         pi = torch.as_tensor(weights, dtype=torch.float32)
         if mu.ndim != 2 or len(mu) != len(pi) or (pi <= 0).any():
-            raise ValueError(f"means must be [K, D] and weights K positive numbers; got {list(mu.shape)} and {pi.tolist()}")
+            raise ValueError(f"means must be [K, D] and weights K positive numbers; got {list(mu.shape)} "
+                             f"and {pi.tolist()}")
         self.register_buffer("mu", mu, persistent=False)
         self.register_buffer("log_pi", (pi / pi.sum()).log(), persistent=False)
         self.schedule = VPDiscrete.from_betas(num_train_timesteps, beta_start, beta_end, beta_schedule)

@@ -113,7 +113,9 @@ def test_fdiv_weights_normalize_to_mean_one(div):
 
 def unet_parts(K: int = 1, gan: bool = True):
     teacher = unet_denoiser(0).requires_grad_(False)
-    copy_of = lambda: Denoiser(adapter_for(copy.deepcopy(teacher.backbone.model).requires_grad_(True), "v_prediction"), SCHED)  # noqa: E731
+    def copy_of():
+        return Denoiser(adapter_for(copy.deepcopy(teacher.backbone.model).requires_grad_(True), "v_prediction"), SCHED)
+
     student = FewStepGenerator(copy_of(), from_timesteps([999, 499][:K], SCHED))
     critic = copy_of()
     torch.manual_seed(3)
@@ -208,7 +210,9 @@ def toy_run(kind: str, tmp_path, steps: int):
     torch.manual_seed(0)
     model = ToyGMMModel(means=((-1.0,), (1.0,)), weights=(0.3, 0.7), std=0.3)
     teacher = toy_denoiser(model).requires_grad_(False)
-    copy_of = lambda: Denoiser(adapter_for(copy.deepcopy(model).requires_grad_(True), "v_prediction"), SCHED)  # noqa: E731
+    def copy_of():
+        return Denoiser(adapter_for(copy.deepcopy(model).requires_grad_(True), "v_prediction"), SCHED)
+
     lr_critic = 1e-2
     if kind == "sid":
         ts = from_timesteps(sid_timesteps(SCHED, 2.5), SCHED)

@@ -2,15 +2,15 @@
 arXiv 2502.15681), as a delta of DMD2 (``methods/dmd2.py``).
 
 Implements
-- the f-divergence gradient (eq. 8): DMD's score-difference gradient weighted per sample by
+- the f-divergence gradient: DMD's score-difference gradient weighted per sample by
   ``h(r) = f''(r) r^2`` at the density ratio ``r = p_teacher / q_student`` of the noisy sample
   (``losses.fdiv_weight``: reverse-KL 1, forward-KL r, Jensen-Shannon r/(1+r), squared Hellinger sqrt(r),
   Jeffreys 1 + r, Neyman 1/r);
-- the ratio from the discriminator (section 3.2): ``r = exp(logit)`` with the logit clamped to
+- the ratio from the discriminator: ``r = exp(logit)`` with the logit clamped to
   [-logit_clip, logit_clip] and ``r`` to [ratio_min, ratio_max] (0.1, 20); the optimum of the
   non-saturating GAN loss has ``logit = log(p / q)``. The discriminator is DMD2's head on the critic's
   bottleneck, trained by DMD2's critic turn;
-- the two-stage normalisation (section 3.3): ``r`` divided by a per-t-bin EMA of its mean (``bins`` bins
+- the two-stage normalisation: ``r`` divided by a per-t-bin EMA of its mean (``bins`` bins
   over [t_min, t_max], a registered buffer so checkpoints hold it), then ``h`` divided by its batch mean.
   Reverse-KL never reads the discriminator, so it reproduces DMD2 bit for bit.
 
@@ -111,7 +111,7 @@ class FDistill(DMD2):
                    "fdiv/h_max": h.max(), "fdiv/h_min": h.min()}
 
     def student_loss(self, batch: Batch, step: int):
-        """DMD2's student loss (``DMD2.student_loss``) with the DM gradient weighted by ``h(r)`` (eq. 8)."""
+        """DMD2's student loss (``DMD2.student_loss``) with the DM gradient weighted by ``h(r)``."""
         c = self.cfg
         x, _, k = self.generate(batch, step)
         x_t, t = self.noised(x, batch, 1, c.t_min, c.t_max)

@@ -2,19 +2,19 @@
 Guidance (SiD-LSG, arXiv 2406.01561) and few-step generators (Few-step SiD, arXiv 2505.12674).
 
 Implements
-- the generator loss of SiD (eq. 14 with the normaliser of eq. 19, ``losses.sid``):
+- the generator loss of SiD (its alpha-weighted loss with the per-sample normaliser, ``losses.sid``):
   ``sum (y_real - y_fake) ((y_real - x_g) - alpha (y_real - y_fake)) / w``, ``w = sg(mean|x_g - y_real|)``,
   with ``y_real = f_phi(x_t)``, ``y_fake = f_psi(x_t)`` the teacher's and critic's x0 predictions at
   ``x_t = alpha_t x_g + sigma_t eps``; gradients flow through ``x_t`` into both frozen networks;
-- the fake-score (critic) step: denoising loss on detached generator samples (eq. 11); each training step
-  is one critic update and then one generator update (Algorithm 1);
+- the fake-score (critic) step: denoising loss on detached generator samples; each training step is one
+  critic update and then one generator update (the paper's alternating algorithm);
 - the generator input ``x = sigma(t_init) z`` at the time where ``sigma/alpha = sigma_init`` (EDM sigma 2.5;
-  SD's t_init = 625; SiD-LSG section 4) -- ``FewStepGenerator.init_scale`` and ``t_list[0]``;
-- LSG (SiD-LSG section 3, eq. 9-10): guidance ``kappa_1`` for training the critic, ``kappa_2`` / ``kappa_3``
+  SD's t_init = 625 in SiD-LSG) -- ``FewStepGenerator.init_scale`` and ``t_list[0]``;
+- LSG (SiD-LSG): guidance ``kappa_1`` for training the critic, ``kappa_2`` / ``kappa_3``
   for the critic's two terms in the generator loss, ``kappa_4`` for the teacher (all ``u + kappa (c - u)``);
   ``lsg = "zero_cfg"`` (teacher without CFG, critic without the condition, i.e. kappa_4 = 1, kappa_1..3 = 0)
   and ``lsg = "anti_cfg"`` (teacher without CFG, negative guidance ``anti_kappa`` on the critic in the
-  generator loss) are the two settings of Few-step SiD (arXiv 2505.12674, abstract and section 4);
+  generator loss) are the two settings named in the abstract of Few-step SiD (arXiv 2505.12674);
 - few-step SiD: the generator has K steps; a step-determined k in 1..K (the same on every rank and after
   resume) picks which output is matched -- k - 1 no-grad steps from noise, the k-th with gradient --
   so the student matches the data at a uniform mixture of its steps;
@@ -113,13 +113,13 @@ def make_generator(teacher, cfg) -> FewStepGenerator:
     from .. import build
 
     schedule = teacher.denoiser.schedule
-    want = sid_timesteps(schedule, cfg.method.sigma_init)[0] if cfg.method.sigma_init > 0 else None
-    ts = tuple(cfg.model.student_timesteps)
-    if want is not None and abs(ts[0] - want) > 1:
+    ts, sigma_init = tuple(cfg.model.student_timesteps), cfg.method.sigma_init
+    want = sid_timesteps(schedule, sigma_init, len(ts)) if sigma_init > 0 else ts
+    if abs(ts[0] - want[0]) > 1:
         raise ConfigError(f"--model.student_timesteps starts at {ts[0]}, but SiD's generator input is at "
-                          f"sigma/alpha = {cfg.method.sigma_init} (timestep {want} for this teacher); pass "
-                          f"--model.student_timesteps {','.join(map(str, sid_timesteps(schedule, cfg.method.sigma_init, len(ts))))}"
-                          " or --method.sigma_init 0 to keep your list")
+                          f"sigma/alpha = {sigma_init} (timestep {want[0]} for this teacher); pass "
+                          f"--model.student_timesteps {','.join(map(str, want))} or --method.sigma_init 0 to keep "
+                          "your list")
     t0 = build.student_times(teacher, cfg.model)[0]
     return build.make_student(teacher, cfg.model, init_scale=float(schedule.sigma(t0)))
 
@@ -179,7 +179,7 @@ class SiD(Method):
         return preds, self.head(feats[-1][: len(x_t)])
 
     def student_loss(self, batch: Batch, step: int):
-        """SiD generator loss (eq. 14/19); no ``no_grad`` around teacher or critic: dL/dx_g runs through
+        """SiD generator loss; no ``no_grad`` around teacher or critic: dL/dx_g runs through
         x_t into both (the critic's parameters are frozen by the loop for this turn)."""
         c = self.cfg
         _, k2, k3, k4 = self.kappa
@@ -197,7 +197,7 @@ class SiD(Method):
         return loss, logs
 
     def critic_loss(self, batch: Batch, step: int):
-        """Denoising loss of the (kappa_1-guided) fake score on detached generator samples (eq. 11)."""
+        """Denoising loss of the (kappa_1-guided) fake score on detached generator samples."""
         c = self.cfg
         with torch.no_grad():
             x_g = self.generate(batch, step)[0]
