@@ -280,7 +280,6 @@ def _toy_run(tmp_path, method_name, steps, lr, t_list, optim_critic=None, ema=0.
         return before, errors()
 
 
-@pytest.mark.slow
 def test_consistency_converges_on_the_exact_toy_teacher(tmp_path):
     """4-step LCM student (l2 distance: in 2-D the pseudo-Huber with c = 0.001 is an l1 fit that leaves a
     ~0.04 mode-weight bias at this budget); the untrained 4-step sampler misses the mean by ~0.2."""
@@ -289,7 +288,6 @@ def test_consistency_converges_on_the_exact_toy_teacher(tmp_path):
     assert after[0] < 0.1 and after[1] < 0.1, after
 
 
-@pytest.mark.slow
 def test_phased_dmd_converges_on_the_exact_toy_teacher(tmp_path):
     """2 phases / experts over [999, 499]: the untrained sampler misses the mode weights by ~0.11 and the mean
     by ~0.2 (DMD's mode-seeking makes this seed-sensitive: other data seeds end at mean errors 0.06-0.12)."""
