@@ -186,7 +186,7 @@ def digits_fdistill() -> RunConfig:
                               divergence="js"),
         model=ModelConfig(student_timesteps=(999,), gan_head=True),
         data=DataConfig(source="digits", batch_size=32),
-        train=TrainConfig(output_dir="runs/fdistill_digits", max_steps=1200, ema_decay=0.99, sample_every=200,
+        train=TrainConfig(output_dir="runs/fdistill_digits", max_steps=1000, ema_decay=0.99, sample_every=200,
                           checkpoint_every=300),
         optim={"student": OptimConfig(lr=1e-4), "critic": OptimConfig(lr=1e-4)},
     )

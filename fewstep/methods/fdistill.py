@@ -29,6 +29,7 @@ from torch import nn
 
 from .. import losses
 from ..conditioning import Batch
+from ..config import ConfigError
 from ..guidance import cfg as guided
 from .dmd2 import DMD2, DMD2Config
 
@@ -87,12 +88,15 @@ class FDistill(DMD2):
     Config = FDistillConfig
 
     def __init__(self, cfg: FDistillConfig, teacher, student, critic, head: nn.Module | None = None):
+        divergence = losses.F_ALIASES.get(cfg.divergence, cfg.divergence)
+        if divergence not in losses.F_DIVERGENCES:
+            raise ConfigError(f"--method.divergence {cfg.divergence!r} is not known; use one of "
+                              f"{', '.join(losses.F_DIVERGENCES)} (aliases {', '.join(losses.F_ALIASES)})")
+        if (divergence != "reverse_kl" or cfg.gan_weight_student > 0) and head is None:
+            raise ConfigError(f"f-distill with {cfg.divergence!r} needs the discriminator head for the density "
+                              "ratio (and the GAN term): set --model.gan_head true")
         super().__init__(cfg, teacher, student, critic, head)
-        self.divergence = losses.F_ALIASES.get(cfg.divergence, cfg.divergence)
-        losses.fdiv_weight(torch.ones(1), self.divergence)   # fail at build time on an unknown name
-        if self.divergence != "reverse_kl" and head is None:
-            raise ValueError(f"f-distill with {cfg.divergence!r} needs the discriminator head for the density "
-                             "ratio: set --model.gan_head true")
+        self.divergence = divergence
         self.ratio = RatioBins(cfg.bins, cfg.t_min, cfg.t_max, cfg.ratio_ema)
 
     def checkpoint_modules(self):

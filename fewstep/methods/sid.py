@@ -73,7 +73,7 @@ class SiDConfig:
 def kappas(c: SiDConfig) -> tuple[float, float, float, float]:
     """(kappa_1, kappa_2, kappa_3, kappa_4) after applying a named LSG setting."""
     if c.lsg not in LSG_MODES:
-        raise ValueError(f"unknown lsg setting {c.lsg!r}; use '' (the kappas as given), 'zero_cfg' or 'anti_cfg'")
+        raise ConfigError(f"--method.lsg {c.lsg!r} is not known; use '' (the kappas as given), zero_cfg or anti_cfg")
     if c.lsg == "zero_cfg":
         return 0.0, 0.0, 0.0, 1.0
     if c.lsg == "anti_cfg":
@@ -138,7 +138,8 @@ class SiD(Method):
         self.student, self.critic, self.head = student, critic, head
         self.turns = (Turn("critic"), Turn("student"))   # critic first: the generator sees the updated critic
         if cfg.gan_weight_student > 0 and head is None:
-            raise ValueError("gan_weight_student > 0 (SiDA) needs a discriminator head: set --model.gan_head true")
+            raise ConfigError("--method.gan_weight_student > 0 (SiDA) needs a discriminator head: set "
+                              "--model.gan_head true")
 
     def trainable(self):
         critic = self.critic.trainable_parameters() + (list(self.head.parameters()) if self.head is not None else [])
