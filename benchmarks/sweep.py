@@ -3,7 +3,8 @@
     python benchmarks/sweep.py --out /tmp/sweep --jobs 4 \
         "base=" "nogan=--method.gan_weight_student 0" "lr2=--optim.student.lr 2e-4 --optim.critic.lr 2e-4"
 
-Each argument is ``name=<overrides>`` for ``train/<script>.py`` (default dmd2). Runs use their own output
+Each argument is ``name=<overrides>`` for ``train/<script>.py`` (default ``--script``, dmd2), or
+``name:script=<overrides>`` to run another trainer (``sid4:sid=--preset digits_sid_4step``). Runs use their own output
 folders under ``--out``; the table (markdown + JSON) goes to ``--out/sweep.md`` / ``sweep.json``.
 """
 from __future__ import annotations
@@ -35,7 +36,8 @@ def main():
     while queue or running:
         while queue and len(running) < args.jobs:
             name, over = queue.pop(0)
-            cmd = [sys.executable, str(ROOT / "train" / f"{args.script}.py"), "--train.output_dir",
+            name, script = name.split(":", 1) if ":" in name else (name, args.script)
+            cmd = [sys.executable, str(ROOT / "train" / f"{script}.py"), "--train.output_dir",
                    str(args.out / name), "--train.overwrite", "true", *shlex.split(over)]
             log = open(args.out / f"{name}.log", "w")
             running.append((name, over, time.time(), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,

@@ -324,7 +324,10 @@ def run_facts(run: Path) -> dict:
     if approx:   # config.json is written when training starts, the exported unet when it ends
         wall = (run / "unet").stat().st_mtime - (run / "config.json").stat().st_mtime
     gen = updates.get("student", updates.get("generator", sum(v for k, v in updates.items() if k != "critic")))
-    return {"run": str(run), "method": cfg.get("method_name", m.get("method", "?")), "steps": st.get("steps"),
+    method = cfg.get("method_name", m.get("method", "?"))
+    if (cfg.get("method") or {}).get("segment_schedule"):     # segmented consistency (Hyper-SD TSCD)
+        method += " (TSCD)"
+    return {"run": str(run), "method": method, "steps": st.get("steps"),
             "accuracy": st["accuracy"], "fd_ratio": m["fd_ratio_to_teacher"],
             "fd_ratio_seed_std": st.get("fd_digits_std", 0.0) / m["teacher"]["fd_digits"],
             "wall_seconds": wall, "wall_approx": approx, "generator_updates": gen, "updates": updates}

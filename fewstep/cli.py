@@ -72,6 +72,22 @@ def fail(e: Exception):
     sys.exit(2)
 
 
+def unsharded_student(cfg: C.RunConfig, method, ema, make_method, main: bool):
+    """Gather the FSDP-sharded student (EMA weights swapped in) on every rank, and on the main process load
+    it into a freshly built, unsharded method for export; other ranks get (None, None)."""
+    from contextlib import nullcontext
+
+    from . import build, distributed
+
+    with ema.swapped() if ema is not None else nullcontext():
+        full = distributed.gather_module(method.student)      # collective
+    if not main:
+        return None, None
+    fresh = make_method(cfg, build.load_teacher(cfg.model))
+    fresh.student.load_state_dict(full)
+    return fresh, None
+
+
 def run(method_name: str, doc: str, prog: str, default_preset: str, make_method, argv=None) -> Path | None:
     """Parse ``argv``, build with ``make_method(cfg, teacher)``, train, export and evaluate."""
     import torch
@@ -112,8 +128,11 @@ def run(method_name: str, doc: str, prog: str, default_preset: str, make_method,
         sys.exit(1)
     accelerator.end_training()
     result["train_seconds"] = time.perf_counter() - started
+    ema = result["ema"]
+    if result["root"] is not None:     # FSDP: export from an unsharded copy of the (EMA) student
+        method, ema = unsharded_student(cfg, method, ema, make_method, accelerator.is_main_process)
     if accelerator.is_main_process:
-        export_student(cfg, teacher, method, result["ema"])
+        export_student(cfg, teacher, method, ema)
         if cfg.train.evaluate:
             write_metrics(cfg, result)
     return out

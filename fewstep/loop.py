@@ -15,9 +15,10 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
-from . import checkpoint, optim
+from . import checkpoint, distributed, optim
 from .config import RunConfig
 from .ema import EMA
 
@@ -49,7 +50,16 @@ def _set_turn(params: dict, turn: str) -> None:
         p.requires_grad_(True)
 
 
-def _state(method, opts, ema, step, nonfinite) -> dict:
+def _state(method, opts, ema, step, nonfinite, root=None) -> dict:
+    """Everything a resume needs. ``root``: the FSDP-prepared module when parameters are sharded; the
+    state is then gathered whole (a collective: every rank calls this, rank 0 receives it)."""
+    if root is not None:
+        return {"step": step, "nonfinite": nonfinite, "sharded": True,
+                "modules": {k: distributed.gather_module(m) for k, m in method.checkpoint_modules().items()},
+                "optimizers": {k: distributed.gather_optimizer(root, o) for k, (o, _) in opts.items()},
+                "schedulers": {k: s.state_dict() for k, (_, s) in opts.items()},
+                "ema": None if ema is None else {"decay": ema.decay, "num_updates": ema.num_updates,
+                                                 "shadow": distributed.gather_tensors(ema.shadow)}}
     return {"step": step, "nonfinite": nonfinite,
             "modules": {k: m.state_dict() for k, m in method.checkpoint_modules().items()},
             "optimizers": {k: o.state_dict() for k, (o, _) in opts.items()},
@@ -57,14 +67,31 @@ def _state(method, opts, ema, step, nonfinite) -> dict:
             "ema": ema.state_dict() if ema is not None else None}
 
 
-def _restore(state, method, opts, ema) -> tuple[int, int]:
+def _restore(state, method, opts, ema, root=None) -> tuple[int, int]:
+    """Load ``state`` into the run. A checkpoint written under FSDP (parameter-name keyed, whole tensors)
+    loads into an FSDP run with any number of processes, or into an unsharded one."""
+    by_name = bool(state.get("sharded"))
+    if root is not None and not by_name:
+        raise CheckpointError("this checkpoint was written without FSDP and this run shards its parameters with "
+                              "FSDP; resume it without FSDP (the default or the DDP accelerate config)")
+    root = root if root is not None else method
     for k, m in method.checkpoint_modules().items():
-        m.load_state_dict(state["modules"][k])
+        if by_name:
+            distributed.scatter_module(m, state["modules"][k])
+        else:
+            m.load_state_dict(state["modules"][k])
     for k, (o, s) in opts.items():
-        o.load_state_dict(state["optimizers"][k])
+        if by_name:
+            distributed.scatter_optimizer(root, o, state["optimizers"][k])
+        else:
+            o.load_state_dict(state["optimizers"][k])
         s.load_state_dict(state["schedulers"][k])
     if ema is not None and state["ema"] is not None:
-        ema.load_state_dict(state["ema"])
+        if by_name:
+            ema.decay, ema.num_updates = state["ema"]["decay"], state["ema"]["num_updates"]
+            distributed.scatter_tensors(ema.shadow, state["ema"]["shadow"])
+        else:
+            ema.load_state_dict(state["ema"])
     return state["step"], state["nonfinite"]
 
 
@@ -86,14 +113,24 @@ def train(cfg: RunConfig, method, data, accelerator, on_sample=None, on_checkpoi
     t = cfg.train
     params = method.trainable()
     opts = {turn.name: optim.build(params[turn.name], cfg.optim[turn.name]) for turn in method.turns}
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # FSDP2 replaces every parameter by a sharded DTensor; accelerate re-points optimizers it is given
+        model = accelerator.prepare(method, *(o for o, _ in opts.values()))[0]
+    else:
+        model = accelerator.prepare(method)
+    root = model if distributed.is_sharded(model) else None
+    params = method.trainable()      # after prepare: the parameters the prepared model really uses
+    if root is not None:
+        distributed.init_sharded(root, params)
     ema = EMA(params["student"], t.ema_decay) if t.ema_decay > 0 and "student" in params else None
-    model = accelerator.prepare(method)
     ckpt_dir = Path(t.output_dir) / "checkpoints"
     step, nonfinite = 0, 0
     last = checkpoint.latest(ckpt_dir)
     if last is not None:
-        step, nonfinite = _restore(checkpoint.load(last), method, opts, ema)
+        step, nonfinite = _restore(checkpoint.load(last), method, opts, ema, root)
         accelerator.print(f"resumed from {last} (step {step})")
+    if root is not None and on_sample is not None:
+        accelerator.print("FSDP: parameters are sharded, so no sample grids are written during training")
     rank, world = accelerator.process_index, accelerator.num_processes
     bar = tqdm(total=t.max_steps, initial=step, disable=not accelerator.is_main_process, desc=cfg.method_name,
                dynamic_ncols=True)
@@ -115,6 +152,8 @@ def train(cfg: RunConfig, method, data, accelerator, on_sample=None, on_checkpoi
                     loss, turn_logs = model(turn.name, batch, step)
                     accelerator.backward(loss / t.grad_accum)
             grad_norm = accelerator.clip_grad_norm_(params[turn.name], t.max_grad_norm)
+            if hasattr(grad_norm, "full_tensor"):     # FSDP2 returns the global norm as a DTensor
+                grad_norm = grad_norm.full_tensor()
             finite = torch.tensor(float(torch.isfinite(loss.detach()).item() and math.isfinite(float(grad_norm))),
                                   device=accelerator.device)
             if accelerator.reduce(finite, "min").item() > 0:   # every rank agrees to step or to skip
@@ -149,14 +188,20 @@ def train(cfg: RunConfig, method, data, accelerator, on_sample=None, on_checkpoi
             accelerator.log(logs, step=step)
             bar.set_postfix({k.split("/", 1)[1]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss/")
                              and k.count("/") == 1})
-        if accelerator.is_main_process and on_sample is not None and (step % t.sample_every == 0 or step == t.max_steps):
+        # sampling runs on rank 0 alone, which sharded parameters cannot do: no sample grids under FSDP
+        if accelerator.is_main_process and on_sample is not None and root is None and \
+                (step % t.sample_every == 0 or step == t.max_steps):
             on_sample(step, ema)
         if step % t.checkpoint_every == 0 or step == t.max_steps:
             accelerator.wait_for_everyone()
+            # sharded state is gathered by every rank (collectives); only rank 0 writes
+            state = _state(method, opts, ema, step, nonfinite, root) if root is not None or \
+                accelerator.is_main_process else None
             if accelerator.is_main_process:
-                _save(ckpt_dir, step, _state(method, opts, ema, step, nonfinite), t)
+                _save(ckpt_dir, step, state, t)
+            del state
             accelerator.wait_for_everyone()
     bar.close()
     if trace_file:
         trace_file.close()
-    return {"step": step, "updates": updates, "ema": ema}
+    return {"step": step, "updates": updates, "ema": ema, "root": root}

@@ -36,6 +36,14 @@ def digits_dmd2_4step() -> RunConfig:
     return cfg
 
 
+def digits_dmd2_2step() -> RunConfig:
+    """DMD2, 2-step student on t-list [999, 499] with backward simulation."""
+    cfg = digits_dmd2()
+    cfg.model.student_timesteps = (999, 499)
+    cfg.train.output_dir = "runs/dmd2_digits_2step"
+    return cfg
+
+
 def sd15_dmd2() -> RunConfig:
     """DMD2 SD1.5 -> one step, the no-GAN stage (DMD2 paper / experiments/sdv1.5: lr 1e-5, TTUR 10, real CFG
     1.75, batch 32 per GPU on 64 GPUs, 39k iterations, FID 9.28). The published GAN stage resumes it with
@@ -153,6 +161,16 @@ def digits_sid_4step() -> RunConfig:
     return cfg
 
 
+def digits_sid_2step() -> RunConfig:
+    """Few-step SiD, 2 steps on t_i = t_init (1 - i/2): [755, 378]."""
+    from .methods.sid import sid_timesteps
+
+    cfg = digits_sid()
+    cfg.model.student_timesteps = sid_timesteps(_digits_schedule(), 2.5, 2)
+    cfg.train.output_dir = "runs/sid_digits_2step"
+    return cfg
+
+
 def sd15_sid_lsg() -> RunConfig:
     """SiD-LSG SD1.5 -> one step (arXiv 2406.01561, run_sid.sh): alpha 1, t_init 625, t in [20, 980],
     Adam(0, 0.999) lr 1e-6 for both networks, fp32, global batch 512 (8 GPUs x 4 x 16 accumulation),
@@ -190,6 +208,22 @@ def digits_fdistill() -> RunConfig:
                           checkpoint_every=300),
         optim={"student": OptimConfig(lr=1e-4), "critic": OptimConfig(lr=1e-4)},
     )
+
+
+def digits_fdistill_2step() -> RunConfig:
+    """f-distill (Jensen-Shannon), 2-step student on [999, 499] with DMD2's backward simulation."""
+    cfg = digits_fdistill()
+    cfg.model.student_timesteps = (999, 499)
+    cfg.train.output_dir = "runs/fdistill_digits_2step"
+    return cfg
+
+
+def digits_fdistill_4step() -> RunConfig:
+    """f-distill (Jensen-Shannon), 4-step student on [999, 749, 499, 249] with backward simulation."""
+    cfg = digits_fdistill()
+    cfg.model.student_timesteps = (999, 749, 499, 249)
+    cfg.train.output_dir = "runs/fdistill_digits_4step"
+    return cfg
 
 
 def sd15_fdistill() -> RunConfig:
@@ -282,6 +316,23 @@ def digits_tscd() -> RunConfig:
     return cfg
 
 
+def digits_consistency_2step() -> RunConfig:
+    """LCM consistency distillation exported for 2 steps [999, 499] (training does not depend on the step
+    count: the consistency function is fitted on the whole DDIM grid)."""
+    cfg = digits_consistency()
+    cfg.model.student_timesteps = (999, 499)
+    cfg.train.output_dir = "runs/consistency_digits_2step"
+    return cfg
+
+
+def digits_consistency_1step() -> RunConfig:
+    """LCM consistency distillation sampled in one step from t = 999."""
+    cfg = digits_consistency()
+    cfg.model.student_timesteps = (999,)
+    cfg.train.output_dir = "runs/consistency_digits_1step"
+    return cfg
+
+
 def sd15_lcm() -> RunConfig:
     """LCM SD1.5 -> 4 steps (LCM arXiv 2310.04378 / diffusers train_lcm_distill_sd_wds.py): omega in [5, 15]
     (w = omega + 1 here) embedded as timestep_cond (dim 256), N = 50 DDIM steps (k = 20), EMA target 0.95,
@@ -321,13 +372,17 @@ def sdxl_lcm_lora() -> RunConfig:
 
 
 PRESETS = {
-    "dmd2": {"digits_dmd2": digits_dmd2, "digits_dmd2_4step": digits_dmd2_4step, "sd15_dmd2": sd15_dmd2,
+    "dmd2": {"digits_dmd2": digits_dmd2, "digits_dmd2_2step": digits_dmd2_2step, "digits_dmd2_4step": digits_dmd2_4step,
+             "sd15_dmd2": sd15_dmd2,
              "sdxl_dmd2_4step": sdxl_dmd2_4step, "sdxl_dmd2_lora": sdxl_dmd2_lora, "sd3_dmd2": sd3_dmd2,
              "flux_dmd2": flux_dmd2},
-    "sid": {"digits_sid": digits_sid, "digits_sid_4step": digits_sid_4step, "sd15_sid_lsg": sd15_sid_lsg},
-    "fdistill": {"digits_fdistill": digits_fdistill, "sd15_fdistill": sd15_fdistill},
+    "sid": {"digits_sid": digits_sid, "digits_sid_2step": digits_sid_2step, "digits_sid_4step": digits_sid_4step,
+            "sd15_sid_lsg": sd15_sid_lsg},
+    "fdistill": {"digits_fdistill": digits_fdistill, "digits_fdistill_2step": digits_fdistill_2step,
+                 "digits_fdistill_4step": digits_fdistill_4step, "sd15_fdistill": sd15_fdistill},
     "phased_dmd": {"digits_phased_dmd": digits_phased_dmd, "digits_phased_dmd_2phase": digits_phased_dmd_2phase,
                    "wan_phased_dmd": wan_phased_dmd},
-    "consistency": {"digits_consistency": digits_consistency, "digits_tscd": digits_tscd, "sd15_lcm": sd15_lcm,
+    "consistency": {"digits_consistency": digits_consistency, "digits_consistency_1step": digits_consistency_1step,
+                    "digits_consistency_2step": digits_consistency_2step, "digits_tscd": digits_tscd, "sd15_lcm": sd15_lcm,
                     "sdxl_lcm_lora": sdxl_lcm_lora},
 }

@@ -27,6 +27,19 @@ class Method(nn.Module):
 
     turns: tuple[Turn, ...] = ()
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The block classes FSDP wraps one by one: those the backbones declare themselves (diffusers'
+        ``_no_split_modules``), which accelerate's TRANSFORMER_BASED_WRAP reads from the prepared module.
+        So one FSDP config serves every backbone family and the method stays family-agnostic."""
+        names = []
+        for m in self.modules():
+            if m is not self:
+                for n in getattr(type(m), "_no_split_modules", None) or []:
+                    if isinstance(n, str) and n not in names:
+                        names.append(n)
+        return names
+
     def trainable(self) -> dict[str, list[nn.Parameter]]:
         """Turn name -> the parameters its optimizer updates."""
         raise NotImplementedError

@@ -113,19 +113,34 @@ class DMD2(Method):
         """DM loss (eq. 7-8) + lambda_GAN * softplus(-D(x_t)) + optional regression to paired teacher samples."""
         c = self.cfg
         x, _, k = self.generate(batch, step)
+        x_t, t = self.noised(x, batch, 1, c.t_min, c.t_max)
+        loss, logs = self.distribution_matching(x, x_t, t, batch)
+        return loss, {"student/sim_step": torch.tensor(float(k)), **logs}
+
+    #: f-distill reads the discriminator's logit even without a GAN term (its density ratio)
+    needs_logit = False
+
+    def distribution_matching(self, x, x_t, t, batch: Batch):
+        """The student objective at the noised sample ``x_t`` of its output ``x``: the DM term (``dm_loss``),
+        DMD2's GAN term and the optional regression. Shared by f-distill and Phased DMD, which change
+        ``dm_loss`` and how ``x_t`` is drawn."""
+        c = self.cfg
         # x_t keeps its graph to x: only the GAN term differentiates through it (the critic is frozen
         # this turn); the DM term's gradient is the closed form in losses.dmd.
-        x_t, t = self.noised(x, batch, 1, c.t_min, c.t_max)
         with torch.no_grad():
             x0_real = cfg(self.teacher, x_t.detach(), t, batch.cond, batch.uncond, c.guidance_scale)
+        logit = None
         if self.use_gan:
             x0_fake, logit = self.logits(x_t, t, batch.cond)
             x0_fake = x0_fake.detach()
+        elif self.needs_logit:
+            with torch.no_grad():
+                x0_fake, logit = self.logits(x_t.detach(), t, batch.cond)
         else:
             with torch.no_grad():
                 x0_fake = self.critic(x_t.detach(), t, batch.cond)
-        loss, logs = losses.dmd(x, x0_real, x0_fake)
-        logs = {"loss/student/dmd": loss.detach(), "student/sim_step": torch.tensor(float(k)), **logs}
+        loss, logs = self.dm_loss(x, x0_real, x0_fake, logit, t)
+        logs = {"loss/student/dmd": loss.detach(), **logs}
         if self.use_gan:
             g = losses.gan_g(logit)
             loss = loss + c.gan_weight_student * g
@@ -135,6 +150,10 @@ class DMD2(Method):
             loss = loss + c.regression_weight * r
             logs["loss/student/regression"] = r.detach()
         return loss, logs
+
+    def dm_loss(self, x, x0_real, x0_fake, logit, t):
+        """DMD's distribution-matching loss (eq. 7-8), unweighted."""
+        return losses.dmd(x, x0_real, x0_fake)
 
     def critic_loss(self, batch: Batch, step: int):
         """Denoising loss of the fake score on detached student samples (+ GAN discriminator loss)."""

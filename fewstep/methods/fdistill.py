@@ -28,9 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import losses
-from ..conditioning import Batch
 from ..config import ConfigError
-from ..guidance import cfg as guided
 from .dmd2 import DMD2, DMD2Config
 
 
@@ -114,32 +112,12 @@ class FDistill(DMD2):
         return h, {"fdiv/ratio_mean": r.mean(), "fdiv/ratio_normalized_mean": r_norm.mean(),
                    "fdiv/h_max": h.max(), "fdiv/h_min": h.min()}
 
-    def student_loss(self, batch: Batch, step: int):
-        """DMD2's student loss (``DMD2.student_loss``) with the DM gradient weighted by ``h(r)``."""
-        c = self.cfg
-        x, _, k = self.generate(batch, step)
-        x_t, t = self.noised(x, batch, 1, c.t_min, c.t_max)
-        with torch.no_grad():
-            x0_real = guided(self.teacher, x_t.detach(), t, batch.cond, batch.uncond, c.guidance_scale)
-        logit = None
-        if self.use_gan:
-            x0_fake, logit = self.logits(x_t, t, batch.cond)
-            x0_fake = x0_fake.detach()
-        elif self.divergence != "reverse_kl":
-            with torch.no_grad():
-                x0_fake, logit = self.logits(x_t.detach(), t, batch.cond)
-        else:
-            with torch.no_grad():
-                x0_fake = self.critic(x_t.detach(), t, batch.cond)
+    @property
+    def needs_logit(self) -> bool:
+        return self.divergence != "reverse_kl"
+
+    def dm_loss(self, x, x0_real, x0_fake, logit, t):
+        """DMD2's DM loss with each sample's gradient weighted by ``h(r)`` (the f-distill gradient above)."""
         h, hlogs = self.weights(logit, t)
         loss, logs = losses.dmd_weighted(x, x0_real, x0_fake, h)
-        logs = {"loss/student/dmd": loss.detach(), "student/sim_step": torch.tensor(float(k)), **logs, **hlogs}
-        if self.use_gan:
-            g = losses.gan_g(logit)
-            loss = loss + c.gan_weight_student * g
-            logs["loss/student/gan"] = g.detach()
-        if c.regression_weight > 0 and batch.x0_real is not None:
-            r = torch.nn.functional.mse_loss(x.float(), batch.x0_real.float())
-            loss = loss + c.regression_weight * r
-            logs["loss/student/regression"] = r.detach()
-        return loss, logs
+        return loss, {**logs, **hlogs}

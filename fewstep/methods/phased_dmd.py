@@ -42,7 +42,6 @@ from ..conditioning import Batch
 from ..config import ConfigError
 from ..denoiser import Denoiser
 from ..generator import FewStepGenerator
-from ..guidance import cfg
 from ..parameterization import from_x0
 from ..schedules import bcast
 from .dmd2 import DMD2, DMD2Config
@@ -163,21 +162,8 @@ class PhasedDMD(DMD2):
         c = self.cfg
         x0, x_s, s, e = self.generate(batch, step)
         x_t, t, _ = self.subinterval(x_s, s, e, batch, 1, c.t_min, c.t_max)
-        with torch.no_grad():
-            x0_real = cfg(self.teacher, x_t.detach(), t, batch.cond, batch.uncond, c.guidance_scale)
-        if self.use_gan:
-            x0_fake, logit = self.logits(x_t, t, batch.cond)
-            x0_fake = x0_fake.detach()
-        else:
-            with torch.no_grad():
-                x0_fake = self.critic(x_t.detach(), t, batch.cond)
-        loss, logs = losses.dmd(x0, x0_real, x0_fake)
-        logs = {"loss/student/dmd": loss.detach(), "phase": torch.tensor(float(self.phase(step))), **logs}
-        if self.use_gan:
-            g = losses.gan_g(logit)
-            loss = loss + c.gan_weight_student * g
-            logs["loss/student/gan"] = g.detach()
-        return loss, logs
+        loss, logs = self.distribution_matching(x0, x_t, t, batch)
+        return loss, {"phase": torch.tensor(float(self.phase(step))), **logs}
 
     def critic_loss(self, batch: Batch, step: int):
         """Score matching within the subinterval on detached expert outputs (+ DMD2's GAN discriminator)."""
