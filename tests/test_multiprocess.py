@@ -1,5 +1,6 @@
-"""Two CPU processes (gloo DDP) against one: same first-step loss, same turn schedule and backward-
-simulation steps on every rank, final parameters equal within tolerance."""
+"""Two CPU processes (gloo DDP) against one, for DMD2 and SiD: same first-step loss, same turn schedule and
+backward-simulation steps (DMD2) / few-step mixture draws (SiD) on every rank, final parameters equal
+within tolerance."""
 import json
 import os
 import subprocess
@@ -12,14 +13,19 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def launch(nproc, batch, out, teacher, trace, steps=6):
+# trainer, preset, extra options, the logged step-determined draw that every rank must share
+METHODS = {"dmd2": ("digits_dmd2_4step", ["--method.student_every", "2"], "student/sim_step"),
+           "sid": ("digits_sid_4step", [], "student/mixture_step")}
+
+
+def launch(nproc, batch, out, teacher, trace, steps=6, method="dmd2"):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FEWSTEP_TRACE": str(trace)}
+    preset, extra, _ = METHODS[method]
     # Adam eps 1e-3: Adam's first steps are ~lr * sign(g) for tiny gradients, so round-off differences of the
     # all-reduce would flip whole steps; a larger eps keeps the update proportional to the gradient.
-    args = ["train/dmd2.py", "--preset", "digits_dmd2_4step", "--model.teacher", str(teacher),
+    args = [f"train/{method}.py", "--preset", preset, "--model.teacher", str(teacher),
             "--train.output_dir", str(out), "--train.max_steps", str(steps), "--train.checkpoint_every", "2", "--train.evaluate", "false",
-            "--data.batch_size", str(batch), "--method.student_every", "2",
-            "--optim.student.eps", "1e-3", "--optim.critic.eps", "1e-3"]
+            "--data.batch_size", str(batch), *extra, "--optim.student.eps", "1e-3", "--optim.critic.eps", "1e-3"]
     if nproc == 1:
         cmd = [sys.executable, *args]
     else:
@@ -31,13 +37,15 @@ def launch(nproc, batch, out, teacher, trace, steps=6):
     return [[json.loads(line) for line in open(f"{trace}.rank{k}.jsonl")] for k in range(nproc)]
 
 
-def test_two_processes_match_one(tiny_teacher_dir, tmp_path):
-    one = launch(1, 4, tmp_path / "one", tiny_teacher_dir, tmp_path / "t1")[0]
-    r0, r1 = launch(2, 2, tmp_path / "two", tiny_teacher_dir, tmp_path / "t2")
-    # both ranks ran the same turns at the same steps, with the same backward-simulation step
-    sched = lambda tr: [(e["step"], e["turn"], e["logs"].get("student/sim_step")) for e in tr]  # noqa: E731
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_two_processes_match_one(tiny_teacher_dir, tmp_path, method):
+    one = launch(1, 4, tmp_path / "one", tiny_teacher_dir, tmp_path / "t1", method=method)[0]
+    r0, r1 = launch(2, 2, tmp_path / "two", tiny_teacher_dir, tmp_path / "t2", method=method)
+    # both ranks ran the same turns at the same steps, with the same step-determined draw
+    key = METHODS[method][2]
+    sched = lambda tr: [(e["step"], e["turn"], e["logs"].get(key)) for e in tr]  # noqa: E731
     assert sched(r0) == sched(r1) == sched(one)
-    assert any(e["logs"].get("student/sim_step", 0) > 0 for e in r0)
+    assert any(e["logs"].get(key, 0) > 0 for e in r0)
     # first step: the mean of the two ranks' losses (2 samples each) is the 1-process loss (4 samples)
     for turn in ("critic", "student"):
         a = next(e["loss"] for e in one if e["turn"] == turn)
