@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from . import backbone_options
 from .backbones import adapter_for
 from .config import ConfigError, ModelConfig
 from .denoiser import Denoiser
@@ -92,6 +93,7 @@ def load_teacher(cfg: ModelConfig) -> Teacher:
     else:
         model = model_cls.from_pretrained(path, subfolder=folder, torch_dtype=dtype)
     model.eval().requires_grad_(False)
+    backbone_options.apply(model, cfg)     # before the student and critic are copied from it
     sched = json.loads(sched_file.read_text())
     denoiser = Denoiser(adapter_for(model, prediction_type_of(sched)), from_diffusers(sched))
     return Teacher(denoiser, path, folder, sched, pipe)

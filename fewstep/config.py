@@ -31,6 +31,8 @@ class ModelConfig:
     student_timesteps: tuple[int, ...] = (999,)    # the student's t-list in the teacher's timestep units
     teacher_dtype: str = "float32"                 # float32 | bfloat16 (frozen teacher storage)
     gan_head: bool = True                          # build a discriminator head on the critic's bottleneck
+    attention: str = "sdpa"                        # sdpa (PyTorch) | xformers (CUDA, pip install "fewstep[xformers]")
+    gradient_checkpointing: bool = False           # recompute backbone activations in backward (less memory)
 
 
 @dataclass
@@ -210,6 +212,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--train.mixed_precision {cfg.train.mixed_precision!r} is not valid; use no or bf16")
     if cfg.model.teacher_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"--model.teacher_dtype {cfg.model.teacher_dtype!r} is not valid; use float32 or bfloat16")
+    if cfg.model.attention not in ("sdpa", "xformers"):
+        raise ConfigError(f"--model.attention {cfg.model.attention!r} is not valid; use sdpa or xformers")
     if not (0.0 <= t.ema_decay < 1.0):
         raise ConfigError(f"--train.ema_decay {t.ema_decay} must be in [0, 1)")
     ts = cfg.model.student_timesteps
