@@ -99,6 +99,11 @@ def run(method_name: str, doc: str, prog: str, default_preset: str, make_method,
     if dry:
         print(json.dumps(cfg.to_dict(), indent=2))
         return None
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):   # set by a DeepSpeed config
+        # a DeepSpeed engine owns one model and one optimizer; a fewstep step updates two networks with
+        # two optimizers in turns, which accelerate's DeepSpeed integration cannot express
+        fail(C.ConfigError("DeepSpeed is not supported: fewstep trains student and critic with separate "
+                           "optimizers in turns; shard large backbones with train/accelerate/fsdp.yaml instead"))
     if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
         torch.set_num_threads(1)   # 2-core machines: a second busy thread slows torch by up to 80x
     try:

@@ -45,6 +45,16 @@ def test_bad_input_is_one_line_exit_2(args, needle, tmp_path, tiny_teacher_dir):
     assert not (tmp_path / "out").exists()
 
 
+def test_deepspeed_config_is_refused_with_the_reason(tiny_teacher_dir, tmp_path):
+    """accelerate launch with a DeepSpeed config sets ACCELERATE_USE_DEEPSPEED; the run stops before loading."""
+    r = subprocess.run([sys.executable, str(ROOT / "train" / "dmd2.py"), "--model.teacher", str(tiny_teacher_dir),
+                        "--train.output_dir", str(tmp_path / "out")], capture_output=True, text=True,
+                       env={**ENV, "ACCELERATE_USE_DEEPSPEED": "true"}, timeout=300, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.startswith("error: DeepSpeed is not supported") and \
+        "fsdp.yaml" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_dir_of_another_config_is_refused_and_untouched(tiny_teacher_dir, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
