@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def build(mode: str, device: str, rank: int, tiny: bool, dtype):
+def build(mode: str, device: str, rank: int, tiny: bool, dtype, checkpointing: bool = False):
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -37,6 +37,10 @@ def build(mode: str, device: str, rank: int, tiny: bool, dtype):
     small = dict(block_out_channels=(32, 32, 64, 64), norm_num_groups=8, layers_per_block=1) if tiny else {}
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, **small)   # SD1.5 architecture: 860M
     unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if checkpointing:     # what --model.gradient_checkpointing true does; the copies below inherit it
+        from fewstep import backbone_options
+
+        backbone_options.apply(unet, ModelConfig(gradient_checkpointing=True))
     sched = {"_class_name": "DDPMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
              "beta_end": 0.012, "num_train_timesteps": 1000, "prediction_type": "epsilon"}
     teacher = B.Teacher(Denoiser(adapter_for(unet, "epsilon"), VPDiscrete.from_betas(**{k: v for k, v in sched.items()
@@ -67,7 +71,7 @@ def one_mode(args) -> dict:
     torch.set_num_threads(max(1, args.threads))
     bf16 = args.device == "cuda"     # bf16 autocast is slow on CPU: measure CPU memory in fp32
     dtype = torch.bfloat16 if bf16 else torch.float32
-    method = build(args.mode, args.device, args.rank, args.tiny, dtype)
+    method = build(args.mode, args.device, args.rank, args.tiny, dtype, args.gradient_checkpointing)
     params = method.trainable()
     opts = {k: optim.build(v, OptimConfig(lr=1e-5))[0] for k, v in params.items()}
     b = batch(args.batch, args.device)
@@ -93,6 +97,7 @@ def one_mode(args) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     n_train = sum(p.numel() for ps in params.values() for p in ps)
     return {"mode": args.mode, "device": args.device, "batch": args.batch, "peak_gib": peak,
+            "gradient_checkpointing": args.gradient_checkpointing,
             "step_s_median": statistics.median(times[1:]) if len(times) > 1 else times[0], "step_s_all": times,
             "trainable_params": n_train, "total_params": sum(p.numel() for p in method.parameters())}
 
@@ -108,6 +113,8 @@ def main():
     p.add_argument("--limit-gb", type=float, default=22.0, help="CPU address-space cap per mode")
     p.add_argument("--json", default="")
     p.add_argument("--tiny", action="store_true", help="a small UNet, to check the script quickly")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations in backward "
+                   "(both modes), as --model.gradient_checkpointing true does")
     args = p.parse_args()
     if args.mode != "both":
         print(json.dumps(one_mode(args)))

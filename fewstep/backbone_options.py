@@ -19,6 +19,26 @@ def xformers_problem() -> str | None:
     return None
 
 
+def role_aware_checkpoint(model: torch.nn.Module):
+    """torch's non-reentrant checkpoint, recomputing each block under the LoRA roles that were active when it
+    ran forward. In LoRA mode student, critic and teacher share ``model`` and switch adapters per call, and
+    backward runs after all of them: recomputing under whatever role is active then would give other
+    activations (torch refuses: "a different number of tensors was saved"). Full mode has no adapters,
+    so the snapshot is empty and this is the plain checkpoint."""
+    from contextlib import nullcontext
+
+    from torch.utils.checkpoint import checkpoint
+
+    from . import lora
+
+    def checkpoint_fn(block, *args, **kwargs):
+        state = lora.snapshot(model)
+        return checkpoint(block, *args, use_reentrant=False,
+                          context_fn=lambda: (nullcontext(), lora.restored(state)), **kwargs)
+
+    return checkpoint_fn
+
+
 def apply(model: torch.nn.Module, cfg: ModelConfig) -> None:
     """Switch ``model`` (a diffusers backbone) to ``cfg.attention`` and ``cfg.gradient_checkpointing``."""
     name = type(model).__name__
@@ -26,7 +46,7 @@ def apply(model: torch.nn.Module, cfg: ModelConfig) -> None:
         if not getattr(model, "_supports_gradient_checkpointing", False):
             raise ConfigError(f"--model.gradient_checkpointing true: {name} does not support gradient "
                               "checkpointing in this diffusers version; drop the flag")
-        model.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing(gradient_checkpointing_func=role_aware_checkpoint(model))
     if cfg.attention == "xformers":
         problem = xformers_problem()
         if problem is not None:

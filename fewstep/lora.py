@@ -49,6 +49,25 @@ def role(model: nn.Module, adapter: str | bool):
             m._active_adapter, m._disable_adapters = active, disabled
 
 
+def snapshot(model: nn.Module) -> list:
+    """Which adapter each peft layer of ``model`` runs right now (for ``restored``)."""
+    return [(m, m._active_adapter, m._disable_adapters) for m in _layers(model)]
+
+
+@contextmanager
+def restored(state: list):
+    """Run with the adapter roles of a ``snapshot``: gradient checkpointing recomputes a block in backward,
+    long after the role it ran under in forward has been left, and must recompute it under the same one."""
+    saved = [(m, m._active_adapter, m._disable_adapters) for m, _, _ in state]
+    for m, active, disabled in state:
+        m._active_adapter, m._disable_adapters = active, disabled
+    try:
+        yield
+    finally:
+        for m, active, disabled in saved:
+            m._active_adapter, m._disable_adapters = active, disabled
+
+
 def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
     """The parameters of adapter ``name`` (peft names them ``...lora_A.<name>.weight``)."""
     tag = f".{name}."
