@@ -55,11 +55,16 @@ def _hub_cache(name: str) -> Path | None:
 
 
 def teacher_path(name: str) -> Path:
-    """Resolve ``--model.teacher`` ("" = the bundled digits teacher; a hub id = its local HF-cache copy) to a
+    """Resolve ``--model.teacher`` ("" = the bundled digits teacher; "digits_t2i" = the bundled text-to-image
+    digits teacher, assembled with its pip-installed text encoder; a hub id = its local HF-cache copy) to a
     local diffusers directory."""
     path = Path(name) if name else DIGITS_TEACHER
     if path.is_dir():
         return path
+    from . import digits_t2i
+
+    if name == digits_t2i.TEACHER_NAME:
+        return digits_t2i.materialize()
     cached = _hub_cache(name)
     if cached is not None:
         return cached
@@ -68,8 +73,8 @@ def teacher_path(name: str) -> Path:
                           f"never downloads at run time: download it first (hf download {name} --local-dir "
                           f"<folder>) and pass --model.teacher <folder>")
     raise ConfigError(f"teacher {str(path)!r} is not a directory; give a local diffusers pipeline folder "
-                      "(with scheduler/ and unet/ or transformer/) or leave --model.teacher empty for the "
-                      "bundled digits teacher (no downloads happen at run time)")
+                      "(with scheduler/ and unet/ or transformer/), leave --model.teacher empty for the "
+                      "bundled digits teacher or name digits_t2i (no downloads happen at run time)")
 
 
 def load_teacher(cfg: ModelConfig) -> Teacher:

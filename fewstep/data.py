@@ -305,10 +305,10 @@ def _default_size(pipe, factor: int) -> tuple[int, int]:
 def prompt_source(cfg, pipe, seed: int = 0) -> PromptSource:
     """``--data.source prompts`` (prompts file, optional ``--data.images``) or ``--data.source images``
     (captioned images) over a stock text-to-image pipeline; ``cfg`` is the run's ``DataConfig``."""
-    from .encoders import LatentCodec, PromptEncoder, _backbone, _call_default
+    from .encoders import LatentCodec, PromptEncoder, _backbone, _call_default, scale_factor
 
     video = hasattr(pipe, "vae_scale_factor_temporal")
-    factor = pipe.vae_scale_factor_spatial if video else pipe.vae_scale_factor
+    factor = pipe.vae_scale_factor_spatial if video else scale_factor(pipe)
     height, width = (cfg.resolution, cfg.resolution) if cfg.resolution > 0 else _default_size(pipe, factor)
     model = _backbone(pipe)
     patch = 2 if type(model).__name__.startswith("Flux") else getattr(model.config, "patch_size", 1)
@@ -328,6 +328,9 @@ def prompt_source(cfg, pipe, seed: int = 0) -> PromptSource:
     if paired and not cfg.images:
         raise ConfigError("--data.source images needs --data.images DIR (RGB images, each caption in <name>.txt)")
     images = list_images(cfg.images) if cfg.images else None
+    if images and scale_factor(pipe) == 1 and model.config.get("in_channels") != 3:
+        raise ConfigError(f"--data.images: {type(pipe).__name__} works on {model.config.get('in_channels')}-channel "
+                          "pixels, real RGB images do not fit it; leave --data.images empty")
     if images and video:
         raise ConfigError("--data.images: real videos are not supported; leave it empty for video teachers")
     prompts = [] if paired else read_prompts(cfg.prompts)

@@ -11,12 +11,14 @@ packs the result into a ``Cond`` holding exactly what the pipeline hands its bac
     PixArt       text, text_mask, added resolution/aspect_ratio (models with micro-conditions)
     Sana         text, text_mask, guidance (guidance-embedded models)
     Wan          text (zero-filled past each prompt; WanPipeline passes no mask)
+    IF           text (``IFPipeline``: pixel space, no VAE; its ``encode_prompt`` pads every prompt to 77 tokens)
 
 ``null()`` is the unconditional Cond of classifier-free guidance: the pipeline's negative branch for an
 empty prompt (SDXL: zeros when ``force_zeros_for_empty_prompt``), or the empty prompt itself where the
 pipeline has no negative branch (Flux). ``LatentCodec(pipe)`` maps images or videos in [-1, 1] to the
 normalized latents the backbone works on, with the VAE's ``scaling_factor``/``shift_factor`` or
-``latents_mean``/``latents_std`` exactly as the pipeline decodes them.
+``latents_mean``/``latents_std`` exactly as the pipeline decodes them; for a pixel-space pipeline (no
+``vae``, e.g. ``IFPipeline``) it is the identity on the backbone's channels.
 
 Family dispatch lives here and in ``fewstep.backbones`` only; methods never see it.
 """
@@ -107,6 +109,14 @@ def _wan(enc: "PromptEncoder", prompts):
     return Cond(text=pe), Cond(text=npe)
 
 
+def _if(enc: "PromptEncoder", prompts):
+    # clean_caption=False: IFPipeline's default (True) needs bs4 and ftfy and falls back to lower().strip()
+    # without them, so the embeddings would depend on which packages are installed
+    pe, npe = enc.pipe.encode_prompt(prompts, do_classifier_free_guidance=True, device=enc.device,
+                                     clean_caption=False)
+    return Cond(text=pe), Cond(text=npe)
+
+
 FAMILIES = {
     "StableDiffusionPipeline": _sd,
     "StableDiffusionXLPipeline": _sdxl,
@@ -116,6 +126,7 @@ FAMILIES = {
     "PixArtSigmaPipeline": _pixart,
     "SanaPipeline": _sana,
     "WanPipeline": _wan,
+    "IFPipeline": _if,
 }
 
 
@@ -131,6 +142,11 @@ def _backbone(pipe):
     return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
 
 
+def scale_factor(pipe) -> int:
+    """Pixels per latent cell: the VAE's factor, 1 for pixel-space pipelines (no VAE)."""
+    return getattr(pipe, "vae_scale_factor", None) or 1
+
+
 class PromptEncoder:
     """Text conditioning of a stock diffusers pipeline as fewstep ``Cond``s.
 
@@ -144,7 +160,7 @@ class PromptEncoder:
         self.pipe = pipe
         self._encode = _family(pipe)
         default = getattr(_backbone(pipe).config, "sample_size", None)
-        default = default * pipe.vae_scale_factor if isinstance(default, int) else None
+        default = default * scale_factor(pipe) if isinstance(default, int) else None
         self.height, self.width = height or default, width or default
         self.guidance_scale = guidance_scale if guidance_scale is not None else _call_default(pipe, "guidance_scale")
         self._null: Cond | None = None
@@ -192,29 +208,36 @@ class LatentCodec:
     Normalization, as the stock pipelines decode: ``x = vae.decode(z / scaling_factor + shift_factor)``
     (SD, SDXL, PixArt, SD3, Flux, Sana), or with per-channel statistics ``vae.decode(z * std /
     scaling_factor + mean)`` (SDXL-style ``latents_mean``/``latents_std``; Wan, with scaling factor 1).
+
+    A pixel-space pipeline (no ``vae``: ``IFPipeline``) gets the identity: the backbone works on pixels in
+    [-1, 1] with its own channel count (``encode`` takes images with that many channels).
     """
 
     def __init__(self, pipe):
         self.pipe = pipe
-        self.vae = pipe.vae
-        config = self.vae.config
+        self.vae = getattr(pipe, "vae", None)
+        config = self.vae.config if self.vae is not None else {}
         self.scaling_factor = config.get("scaling_factor") or 1.0
         self.shift_factor = config.get("shift_factor") or 0.0
 
     @property
     def latent_channels(self) -> int:
+        if self.vae is None:
+            return _backbone(self.pipe).config.in_channels
         return self.vae.config.get("latent_channels") or self.vae.config.get("z_dim")
 
     def latent_shape(self, height: int, width: int, num_frames: int | None = None) -> tuple[int, ...]:
         """Latent shape (without batch) of an image, or of a video with ``num_frames`` frames."""
         if num_frames is None:
-            f = self.pipe.vae_scale_factor
+            f = scale_factor(self.pipe)
             return (self.latent_channels, height // f, width // f)
         f, ft = self.pipe.vae_scale_factor_spatial, self.pipe.vae_scale_factor_temporal
         return (self.latent_channels, (num_frames - 1) // ft + 1, height // f, width // f)
 
     def normalize(self, z: Tensor) -> Tensor:
         """Raw VAE latents -> backbone latents."""
+        if self.vae is None:
+            return z
         mean, std = _latent_stats(self.vae, z)
         if mean is not None:
             return (z - mean) * self.scaling_factor / std
@@ -222,6 +245,8 @@ class LatentCodec:
 
     def denormalize(self, z: Tensor) -> Tensor:
         """Backbone latents -> raw VAE latents (what the pipeline feeds ``vae.decode``)."""
+        if self.vae is None:
+            return z
         mean, std = _latent_stats(self.vae, z)
         if mean is not None:
             return z * std / self.scaling_factor + mean
@@ -233,6 +258,8 @@ class LatentCodec:
         ``sample=False`` takes the posterior mode (deterministic); deterministic autoencoders (DC-AE)
         ignore it.
         """
+        if self.vae is None:
+            return x.float()
         out = self.vae.encode(x.to(self.vae.device, self.vae.dtype))
         if hasattr(out, "latent_dist"):
             z = out.latent_dist.sample(generator) if sample else out.latent_dist.mode()
@@ -242,5 +269,7 @@ class LatentCodec:
 
     def decode(self, z: Tensor) -> Tensor:
         """Normalized latents -> pixels in about [-1, 1]."""
+        if self.vae is None:
+            return z.float()
         z = self.denormalize(z.float()).to(self.vae.device, self.vae.dtype)
         return self.vae.decode(z, return_dict=False)[0]

@@ -131,7 +131,11 @@ def export_scheduler(cfg: RunConfig, teacher, method):
         return method.export_scheduler(teacher.scheduler_config, ts)
     if teacher.pipe is None:
         return fewstep_scheduler_for(teacher.scheduler_config, ts, init_noise_scale=method.student.init_scale)
-    return student_scheduler_for(teacher.scheduler_config, ts, method.student.init_scale, teacher.pipeline_class)
+    sched = student_scheduler_for(teacher.scheduler_config, ts, method.student.init_scale, teacher.pipeline_class)
+    if teacher.pipeline_class == "IFPipeline" and "variance_type" in teacher.scheduler_config:
+        # IFPipeline reads its UNet's output layout (prediction only, or + variance) from the scheduler config
+        sched.register_to_config(variance_type=teacher.scheduler_config["variance_type"])
+    return sched
 
 
 def export_student(cfg: RunConfig, teacher, method, ema) -> Path:
@@ -193,6 +197,8 @@ def _call_args(cfg: RunConfig, teacher) -> str:
         args.append(f"guidance_scale={_call_default(teacher.pipe, 'guidance_scale')}")
     else:
         args.append("guidance_scale=1.0")
+    if teacher.pipeline_class == "IFPipeline":     # prompts were encoded without IF's optional caption cleaning
+        args.append("clean_caption=False")
     d = cfg.data
     if d.resolution:
         args += [f"height={d.resolution}", f"width={d.resolution}"]
@@ -207,6 +213,7 @@ def t2i_model_card(cfg: RunConfig, teacher, sched, has_lora: bool) -> str:
     pipe_cls, sched_cls = teacher.pipeline_class, type(sched).__name__
     custom = sched_cls == "FewStepScheduler"
     out, base = cfg.train.output_dir, cfg.model.teacher or str(teacher.path)
+    example = "a handwritten seven" if cfg.model.teacher == "digits_t2i" else "a photo of a cat"
     trust = ", trust_remote_code=True" if custom else ""
     output = ".frames[0]" if pipe_cls == "WanPipeline" else ".images[0]"
     load_sched = (f'import sys\nsys.path.insert(0, "{out}/scheduler")  # its custom scheduler: no fewstep needed\n'
@@ -224,14 +231,18 @@ from diffusers import {pipe_cls}
 {load_sched}pipe = {pipe_cls}.from_pretrained("{base}")
 pipe.load_lora_weights("{out}")
 pipe.scheduler = {sched_cls}.from_pretrained("{out}", subfolder="scheduler")
-result = pipe("a photo of a cat", {_call_args(cfg, teacher)}){output}
+result = pipe("{example}", {_call_args(cfg, teacher)}){output}
 ```
 """ if has_lora else ""
-    sid_note, scale = "", float(getattr(sched, "init_noise_sigma", 1.0))
+    notes, scale = "", float(getattr(sched, "init_noise_sigma", 1.0))
     if scale != 1.0:
-        sid_note = (f"- The student's input noise is scaled by {scale:.4g} (SiD). VP pipelines apply "
-                    "the scheduler's `init_noise_sigma`; flow pipelines (SD3, Flux, Sana, Wan) do not: pass "
-                    "`latents=init_noise_sigma * torch.randn(...)` there.\n")
+        notes = (f"- The student's input noise is scaled by {scale:.4g} (SiD). VP pipelines apply "
+                 "the scheduler's `init_noise_sigma`; flow pipelines (SD3, Flux, Sana, Wan) do not: pass "
+                 "`latents=init_noise_sigma * torch.randn(...)` there.\n")
+    if pipe_cls == "IFPipeline" and sched.config.get("variance_type"):
+        notes += (f"- `variance_type: {sched.config['variance_type']}` in the scheduler config is read by "
+                  "IFPipeline only: it then takes the UNet output as it is instead of splitting off variance "
+                  "channels (the scheduler ignores the key and says so when loading).\n")
     return f"""---
 library_name: diffusers
 base_model: {base}
@@ -249,14 +260,14 @@ that samples exactly as fewstep does: predict x0, then re-noise to the next time
 - Guidance is distilled in: call it without classifier-free guidance (`guidance_scale=1.0`; guidance-embedded
   models keep the embedding value they were trained with).
 - Real-score guidance during training: {w} (convention `uncond + w (cond - uncond)`).
-{sid_note}- Full training config: `config.json`.
+{notes}- Full training config: `config.json`.
 
 ## Load the full student
 
 ```python
 from diffusers import {pipe_cls}
 pipe = {pipe_cls}.from_pretrained("{out}"{trust})
-result = pipe("a photo of a cat", {_call_args(cfg, teacher)}){output}
+result = pipe("{example}", {_call_args(cfg, teacher)}){output}
 ```
 {lora}"""
 
@@ -287,6 +298,8 @@ def write_metrics(cfg: RunConfig, result: dict) -> dict:
     from . import digits_eval
     from .build import teacher_path
 
+    if cfg.data.source == "prompts" and cfg.model.teacher == "digits_t2i":
+        return write_digits_t2i_metrics(cfg, result)
     if cfg.data.source != "digits":
         print("metrics.json is written for the digits teacher only; score text-to-image students with "
               "eval/fid.py and eval/clip_score.py")
@@ -310,4 +323,35 @@ def write_metrics(cfg: RunConfig, result: dict) -> dict:
     (out / "metrics.json").write_text(json.dumps(m, indent=2))
     print(json.dumps({k: m[k] for k in ("fd_ratio_to_teacher", "fd_ratio_to_teacher_one_step", "speedup_images_per_s")}
                      | {"student_accuracy": s["accuracy"], "student_fd_digits": s["fd_digits"]}, indent=2))
+    return m
+
+
+def write_digits_t2i_metrics(cfg: RunConfig, result: dict) -> dict:
+    """``metrics.json`` of a student of the bundled text-to-image digits teacher: prompt-following accuracy
+    (the digits net's argmax equals the digit the prompt names) and FD-digits of the exported folder loaded
+    with the stock ``IFPipeline``, on the training templates and on held-out ones, beside the teacher's own
+    figures (50 DDIM steps at CFG 2, cached in the asset's ``reference_metrics.json``)."""
+    from . import digits_t2i as D
+
+    out, n, seeds = Path(cfg.train.output_dir), cfg.train.eval_samples, (cfg.train.seed,)
+    K = len(cfg.model.student_timesteps)
+    t0 = time.perf_counter()
+    ref = D.teacher_reference(n, seeds)
+    student = D.load_pipeline(out)
+    t1 = time.perf_counter()
+    s = D.score(student, n, seeds, K)
+    s["seconds"] = time.perf_counter() - t1
+    s["heldout"] = D.score(student, max(10, n // 2), seeds, K, templates=D.HELDOUT_TEMPLATES)
+    m = {"student": {**s, "nfe": K}, "teacher": {**ref, "nfe": 2 * ref["steps"]},
+         "accuracy_gap_to_teacher": ref["accuracy"] - s["accuracy"],
+         "fd_ratio_to_teacher": s["fd_digits"] / ref["fd_digits"], "templates": list(D.TEMPLATES),
+         "heldout_templates": list(D.HELDOUT_TEMPLATES), "updates": result["updates"], "steps": result["step"],
+         "train_seconds": result.get("train_seconds"), "eval_seconds": time.perf_counter() - t0,
+         "note": "accuracy: the bundled digits net's argmax equals the digit named in the prompt. FD-digits is a "
+                 "Frechet distance in that net's feature space, not FID."}
+    (out / "metrics.json").write_text(json.dumps(m, indent=2))
+    print(json.dumps({"student_accuracy": s["accuracy"], "teacher_accuracy": ref["accuracy"],
+                      "student_fd_digits": s["fd_digits"], "teacher_fd_digits": ref["fd_digits"],
+                      "student_heldout_accuracy": s["heldout"]["accuracy"],
+                      "teacher_heldout_accuracy": ref["heldout"]["accuracy"]}, indent=2))
     return m

