@@ -328,7 +328,7 @@ def prompt_source(cfg, pipe, seed: int = 0) -> PromptSource:
     if paired and not cfg.images:
         raise ConfigError("--data.source images needs --data.images DIR (RGB images, each caption in <name>.txt)")
     images = list_images(cfg.images) if cfg.images else None
-    if images and scale_factor(pipe) == 1 and model.config.get("in_channels") != 3:
+    if images and getattr(pipe, "vae", None) is None and model.config.get("in_channels") != 3:
         raise ConfigError(f"--data.images: {type(pipe).__name__} works on {model.config.get('in_channels')}-channel "
                           "pixels, real RGB images do not fit it; leave --data.images empty")
     if images and video:

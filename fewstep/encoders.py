@@ -143,8 +143,10 @@ def _backbone(pipe):
 
 
 def scale_factor(pipe) -> int:
-    """Pixels per latent cell: the VAE's factor, 1 for pixel-space pipelines (no VAE)."""
-    return getattr(pipe, "vae_scale_factor", None) or 1
+    """Pixels per latent cell: the VAE's (spatial) factor, 1 for pixel-space pipelines (no VAE)."""
+    if getattr(pipe, "vae", None) is None:
+        return 1
+    return getattr(pipe, "vae_scale_factor", None) or pipe.vae_scale_factor_spatial
 
 
 class PromptEncoder:

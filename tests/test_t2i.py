@@ -5,7 +5,8 @@ point (``fewstep.cli.run`` in-process, exactly what ``train/<method>.py`` runs) 
 export is reloaded with the family's STOCK diffusers pipeline class and sampled at the trained step count.
 For SD1.5 (VP, stock ``LCMScheduler``) and SD3 (flow, ``FewStepScheduler`` as a custom component) the stock
 pipeline's 1- and 4-step images equal fewstep's own sampler, decode included. Every other method in
-``fewstep.methods.METHODS`` trains two steps on SD1.5 and SD3; a LoRA student loads onto the teacher
+``fewstep.methods.METHODS`` trains two steps on every family (f-distill and consistency, which need real
+data, stop with one line on the video family); a LoRA student loads onto the teacher
 pipeline with ``load_lora_weights``; prompt and image data fail with one-line errors.
 """
 from __future__ import annotations
@@ -260,9 +261,14 @@ def test_lora_student_loads_on_teacher_pipeline(work, teachers):
 
 
 # ------------------------------------------------------------------------------------------ other methods
+FLOW = ("sd3", "flux", "sana", "wan")
+# real-data methods on the video family: fewstep has no real-video loader (a one-line error says so)
+NEEDS_REAL_IMAGES = ("fdistill", "consistency")
+
+
 def method_args(method: str, family: str, work: Path, teacher: Path) -> list[str]:
     """Arguments that make each method's digits preset train on a tiny text-to-image teacher."""
-    flow = family != "sd15"
+    flow = family in FLOW
     prompts = ["--data.prompts", str(work / "prompts.txt")]
     images = ["--data.images", str(work / "images")]
     if method == "sid":
@@ -280,16 +286,28 @@ def method_args(method: str, family: str, work: Path, teacher: Path) -> list[str
     raise AssertionError(method)
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd3"])
+@pytest.mark.parametrize("family", list(STOCK))
 @pytest.mark.parametrize("method", OTHER_METHODS)
-def test_other_methods_train_and_export(method, family, work, teachers):
+def test_other_methods_train_and_export(method, family, work, teachers, capsys):
+    """Every method x every family: two training steps, export, reload in the stock pipeline, images (frames)
+    of the right shape at the trained step count; methods that need real data stop with one line on video."""
     teacher = teachers(family)
     args = method_args(method, family, work, teacher)
+    if family == "wan":
+        args += ["--data.num_frames", str(FRAMES)]
+    if family == "wan" and method in NEEDS_REAL_IMAGES:
+        with pytest.raises(SystemExit) as e:
+            train(method, teacher, work / "runs" / f"{method}_{family}", *args)
+        assert e.value.code == 2 and error_lines(capsys) == [
+            "error: --data.images: real videos are not supported; leave it empty for video teachers"]
+        return
     out = train(method, teacher, work / "runs" / f"{method}_{family}", *args)
     ts = json.loads((out / "config.json").read_text())["model"]["student_timesteps"]
     pipe = load_stock(family, out)
+    assert type(pipe).__name__ == STOCK[family]
     x = generate(pipe, family, PROMPTS[:2], len(ts))
-    assert tuple(x.shape) == (2, 3, SIZE, SIZE) and torch.isfinite(x).all()
+    shape = (2, FRAMES, 3, SIZE, SIZE) if family == "wan" else (2, 3, SIZE, SIZE)
+    assert tuple(x.shape) == shape and torch.isfinite(x).all()
 
 
 @pytest.mark.skipif("phased_dmd" not in OTHER_METHODS, reason="phased_dmd not importable")
