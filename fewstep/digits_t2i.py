@@ -207,18 +207,15 @@ def train_teacher(pipe, cfg: T2ITeacherConfig, log_every: int = 100):
     distinct embeddings (120 prompts and "") are computed once (the encoder is frozen). Returns (EMA unet,
     history of (step, loss))."""
     from .digits import load_digits
-    from .teacher_training import EMA, lr_factor, make_train_scheduler
+    from .teacher_training import fit, make_train_scheduler
 
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     x0_all, labels_all = load_digits(16)
     emb, null = encode(pipe, prompts()), encode(pipe, [""])
-    unet, ddpm, T = pipe.unet.train(), make_train_scheduler(), len(TEMPLATES)
-    ema = EMA(unet, cfg.ema_decay)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup, cfg.steps))
-    history, running = [], 0.0
-    for step in range(cfg.steps):
+    unet, ddpm, T = pipe.unet, make_train_scheduler(), len(TEMPLATES)
+
+    def batch_loss(step: int) -> torch.Tensor:
         idx = torch.randint(0, len(x0_all), (cfg.batch_size,), generator=g)
         k = labels_all[idx] * T + torch.randint(0, T, (cfg.batch_size,), generator=g)
         drop = torch.rand(cfg.batch_size, generator=g) < cfg.p_uncond
@@ -226,19 +223,9 @@ def train_teacher(pipe, cfg: T2ITeacherConfig, log_every: int = 100):
         x0, eps = x0_all[idx], torch.randn((cfg.batch_size, 1, 16, 16), generator=g)
         t = torch.randint(0, ddpm.config.num_train_timesteps, (cfg.batch_size,), generator=g)
         v = unet(ddpm.add_noise(x0, eps, t), t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(v, ddpm.get_velocity(x0, eps, t))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        lr_sched.step()
-        ema.update(unet)
-        running += loss.item()
-        if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
-            history.append((step + 1, running / ((step % log_every) + 1)))
-            print(f"step {step + 1:5d}  loss/teacher/v_mse {history[-1][1]:.4f}", flush=True)
-            running = 0.0
-    return ema.model, history
+        return F.mse_loss(v, ddpm.get_velocity(x0, eps, t))
+
+    return fit(unet, cfg, batch_loss, log_every)
 
 
 def save_teacher(pipe, out: Path) -> None:

@@ -94,20 +94,17 @@ def v_loss(unet, scheduler: DDPMScheduler, x0, labels, p_uncond: float, generato
     return F.mse_loss(unet(x_t, t, class_labels=labels).sample, target)
 
 
-def train_teacher(x0_all, labels_all, cfg: TeacherConfig, log_every: int = 100):
-    """Train the teacher; returns (ema_unet, ddpm_scheduler, history of (step, loss))."""
-    torch.manual_seed(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
-    unet, scheduler = make_unet(), make_train_scheduler()
+def fit(unet: torch.nn.Module, cfg, batch_loss, log_every: int = 100):
+    """The bundled teachers' optimisation loop: AdamW (``cfg.lr``, ``cfg.weight_decay`` if any), linear warmup
+    then cosine decay, gradient-norm clip 1, EMA (``cfg.ema_decay``) of the weights. ``batch_loss(step)``
+    draws a batch and returns its loss. Returns (EMA model, history of (step, mean loss))."""
     ema = EMA(unet, cfg.ema_decay)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=getattr(cfg, "weight_decay", 0.0))
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup, cfg.steps))
     history, running = [], 0.0
     unet.train()
     for step in range(cfg.steps):
-        idx = torch.randint(0, len(x0_all), (cfg.batch_size,), generator=g)
-        x0 = random_shift(x0_all[idx], cfg.max_shift, generator=g)
-        loss = v_loss(unet, scheduler, x0, labels_all[idx], cfg.p_uncond, g)
+        loss = batch_loss(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -121,7 +118,22 @@ def train_teacher(x0_all, labels_all, cfg: TeacherConfig, log_every: int = 100):
             print(f"step {step + 1:5d}  loss/teacher/v_mse {running / n:.4f}  lr {lr_sched.get_last_lr()[0]:.2e}",
                   flush=True)
             running = 0.0
-    return ema.model, scheduler, history
+    return ema.model, history
+
+
+def train_teacher(x0_all, labels_all, cfg: TeacherConfig, log_every: int = 100):
+    """Train the teacher; returns (ema_unet, ddpm_scheduler, history of (step, loss))."""
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    unet, scheduler = make_unet(), make_train_scheduler()
+
+    def batch_loss(step: int) -> torch.Tensor:
+        idx = torch.randint(0, len(x0_all), (cfg.batch_size,), generator=g)
+        x0 = random_shift(x0_all[idx], cfg.max_shift, generator=g)
+        return v_loss(unet, scheduler, x0, labels_all[idx], cfg.p_uncond, g)
+
+    ema_unet, history = fit(unet, cfg, batch_loss, log_every)
+    return ema_unet, scheduler, history
 
 
 @torch.no_grad()
