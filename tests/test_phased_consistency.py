@@ -207,13 +207,17 @@ def _fewstep_samples(out_dir, steps):
 
 
 def test_train_scripts_run_and_exports_match_fewstep_without_fewstep(tiny_teacher_dir, tmp_path):
-    """3-step runs of both scripts (phased DMD with experts that differ, LoRA LCM, segmented consistency); each
-    export reloads in a Python where fewstep cannot be imported and equals fewstep's sampler (1 and 4 steps)."""
+    """3-step runs of every non-DMD2 trainer at 4 steps (phased DMD with experts that differ, LoRA LCM, segmented
+    consistency, few-step SiD, f-distill); each export reloads in a Python where fewstep cannot be imported and
+    equals fewstep's sampler (1 and 4 steps). (DMD2's export: tests/test_cli.py.)"""
     common = ["--model.teacher", str(tiny_teacher_dir), "--train.max_steps", "3", "--train.evaluate", "false",
               "--data.batch_size", "4"]
     runs = {"phased": ("phased_dmd", ["--method.student_every", "1", "--optim.student.lr", "0.01"]),
             "lcm": ("consistency", ["--model.mode", "lora", "--model.lora_rank", "4"]),   # teacher = adapters off
-            "tscd": ("consistency", ["--preset", "digits_tscd"])}
+            "tscd": ("consistency", ["--preset", "digits_tscd"]),
+            # few-step SiD: scaled input noise (init_noise_scale) and its own t-list; f-distill: DMD2's sampler
+            "sid": ("sid", ["--preset", "digits_sid_4step"]),
+            "fdistill": ("fdistill", ["--preset", "digits_fdistill_4step", "--method.student_every", "1"])}
     for key, (script, extra) in runs.items():
         module = _train_script(script)
         cli.run(script, module.__doc__, f"train/{script}.py", f"digits_{script}", module.make_method,
@@ -230,7 +234,8 @@ def test_train_scripts_run_and_exports_match_fewstep_without_fewstep(tiny_teache
                        cwd=tmp_path, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     iso = torch.load(res)
-    assert [iso[d, "scheduler"] for d in dirs] == ["FewStepScheduler", "LCMScheduler", "FewStepScheduler"]
+    assert [iso[d, "scheduler"] for d in dirs] == ["FewStepScheduler", "LCMScheduler", "FewStepScheduler",
+                                                  "FewStepScheduler", "FewStepScheduler"]
     for d in dirs:
         torch.testing.assert_close(iso[d, None], iso[d, 4], rtol=0, atol=0)   # default = the trained 4 steps
         for steps in (1, 4):
