@@ -27,9 +27,16 @@ def add_adapter(model: nn.Module, name: str, rank: int, targets=TARGETS) -> None
 
 
 def _layers(model: nn.Module):
+    """The peft layers of ``model``. Cached per set of injected adapters: roles switch on every backbone call
+    (and on every checkpointed block), and walking a large UNet's modules each time is not free."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    key = tuple(getattr(model, "peft_config", None) or ())
+    cached = model.__dict__.get("_fewstep_lora_layers")
+    if cached is None or cached[0] != key:
+        cached = (key, [m for m in model.modules() if isinstance(m, BaseTunerLayer)])
+        model.__dict__["_fewstep_lora_layers"] = cached
+    return cached[1]
 
 
 @contextmanager
