@@ -156,6 +156,13 @@ def make_critic(teacher: Teacher, cfg: ModelConfig) -> Denoiser:
     return _copy(teacher)
 
 
+def make_dmd(method_cls, cfg, teacher: Teacher):
+    """DMD2, or a method with its constructor (f-distill), on a new student, critic and optional GAN head."""
+    critic = make_critic(teacher, cfg.model)
+    return method_cls(cfg.method, teacher.denoiser, make_student(teacher, cfg.model), critic,
+                      make_head(critic, cfg.model))
+
+
 def make_head(critic: Denoiser, cfg: ModelConfig):
     """A discriminator head on the critic's bottleneck, or None when ``model.gan_head`` is off."""
     return ConvHead(critic.backbone.feature_channels()) if cfg.gan_head else None

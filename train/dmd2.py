@@ -17,9 +17,7 @@ from fewstep.methods.dmd2 import DMD2
 
 
 def make_method(cfg, teacher):
-    critic = build.make_critic(teacher, cfg.model)
-    return DMD2(cfg.method, teacher.denoiser, build.make_student(teacher, cfg.model), critic,
-                build.make_head(critic, cfg.model))
+    return build.make_dmd(DMD2, cfg, teacher)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,7 @@ from fewstep.methods.fdistill import FDistill
 
 
 def make_method(cfg, teacher):
-    critic = build.make_critic(teacher, cfg.model)
-    return FDistill(cfg.method, teacher.denoiser, build.make_student(teacher, cfg.model), critic,
-                    build.make_head(critic, cfg.model))
+    return build.make_dmd(FDistill, cfg, teacher)
 
 
 if __name__ == "__main__":
