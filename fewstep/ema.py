@@ -44,9 +44,14 @@ class EMA:
                 p.copy_(s)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": [s.clone() for s in self.shadow]}
+        """Whole CPU copies of the shadows (gathered from every rank when they are FSDP shards: a collective)."""
+        from .distributed import gather_tensors
+
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": gather_tensors(self.shadow)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Load whole shadows; each rank keeps its own shard where the shadows are FSDP shards."""
+        from .distributed import scatter_tensors
+
         self.decay, self.num_updates = state["decay"], state["num_updates"]
-        for s, v in zip(self.shadow, state["shadow"]):
-            s.copy_(v)
+        scatter_tensors(self.shadow, state["shadow"])

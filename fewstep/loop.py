@@ -51,47 +51,39 @@ def _set_turn(params: dict, turn: str) -> None:
 
 
 def _state(method, opts, ema, step, nonfinite, root=None) -> dict:
-    """Everything a resume needs. ``root``: the FSDP-prepared module when parameters are sharded; the
-    state is then gathered whole (a collective: every rank calls this, rank 0 receives it)."""
+    """Everything a resume needs. ``root``: the FSDP-prepared module when parameters are sharded; modules and
+    optimizers are then gathered whole, keyed by parameter name (a collective: every rank calls this, rank 0
+    receives it). EMA state is whole either way."""
     if root is not None:
-        return {"step": step, "nonfinite": nonfinite, "sharded": True,
-                "modules": {k: distributed.gather_module(m) for k, m in method.checkpoint_modules().items()},
-                "optimizers": {k: distributed.gather_optimizer(root, o) for k, (o, _) in opts.items()},
-                "schedulers": {k: s.state_dict() for k, (_, s) in opts.items()},
-                "ema": None if ema is None else {"decay": ema.decay, "num_updates": ema.num_updates,
-                                                 "shadow": distributed.gather_tensors(ema.shadow)}}
-    return {"step": step, "nonfinite": nonfinite,
-            "modules": {k: m.state_dict() for k, m in method.checkpoint_modules().items()},
-            "optimizers": {k: o.state_dict() for k, (o, _) in opts.items()},
-            "schedulers": {k: s.state_dict() for k, (_, s) in opts.items()},
+        modules = {k: distributed.gather_module(m) for k, m in method.checkpoint_modules().items()}
+        optimizers = {k: distributed.gather_optimizer(root, o) for k, (o, _) in opts.items()}
+    else:
+        modules = {k: m.state_dict() for k, m in method.checkpoint_modules().items()}
+        optimizers = {k: o.state_dict() for k, (o, _) in opts.items()}
+    return {"step": step, "nonfinite": nonfinite, "sharded": root is not None, "modules": modules,
+            "optimizers": optimizers, "schedulers": {k: s.state_dict() for k, (_, s) in opts.items()},
             "ema": ema.state_dict() if ema is not None else None}
 
 
 def _restore(state, method, opts, ema, root=None) -> tuple[int, int]:
     """Load ``state`` into the run. A checkpoint written under FSDP (parameter-name keyed, whole tensors)
     loads into an FSDP run with any number of processes, or into an unsharded one."""
-    by_name = bool(state.get("sharded"))
-    if root is not None and not by_name:
+    if state.get("sharded"):
+        root = root if root is not None else method
+        load_module = distributed.scatter_module
+        load_optimizer = lambda o, sd: distributed.scatter_optimizer(root, o, sd)  # noqa: E731
+    elif root is not None:
         raise CheckpointError("this checkpoint was written without FSDP and this run shards its parameters with "
                               "FSDP; resume it without FSDP (the default or the DDP accelerate config)")
-    root = root if root is not None else method
+    else:
+        load_module = load_optimizer = lambda x, sd: x.load_state_dict(sd)  # noqa: E731
     for k, m in method.checkpoint_modules().items():
-        if by_name:
-            distributed.scatter_module(m, state["modules"][k])
-        else:
-            m.load_state_dict(state["modules"][k])
+        load_module(m, state["modules"][k])
     for k, (o, s) in opts.items():
-        if by_name:
-            distributed.scatter_optimizer(root, o, state["optimizers"][k])
-        else:
-            o.load_state_dict(state["optimizers"][k])
+        load_optimizer(o, state["optimizers"][k])
         s.load_state_dict(state["schedulers"][k])
     if ema is not None and state["ema"] is not None:
-        if by_name:
-            ema.decay, ema.num_updates = state["ema"]["decay"], state["ema"]["num_updates"]
-            distributed.scatter_tensors(ema.shadow, state["ema"]["shadow"])
-        else:
-            ema.load_state_dict(state["ema"])
+        ema.load_state_dict(state["ema"])
     return state["step"], state["nonfinite"]
 
 
