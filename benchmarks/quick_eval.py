@@ -18,8 +18,8 @@ def main():
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--samples", type=int, default=1000)
     args = p.parse_args()
-    from fewstep import digits_eval
-    from fewstep.build import DIGITS_TEACHER
+    from fewstep.digits import DIGITS_TEACHER
+    from fewstep.digits import scoring as digits_eval
 
     teacher = digits_eval.score(digits_eval.load_pipeline(DIGITS_TEACHER), args.samples, (0,), steps=50,
                                 guidance_scale=2.0)

@@ -26,19 +26,19 @@ def build(mode: str, device: str, rank: int, tiny: bool, dtype, checkpointing: b
     import torch
     from diffusers import UNet2DConditionModel
 
-    from fewstep import build as B
     from fewstep.backbones import adapter_for
-    from fewstep.config import ModelConfig
-    from fewstep.denoiser import Denoiser
+    from fewstep.core.denoiser import Denoiser
+    from fewstep.core.schedules import VPDiscrete
     from fewstep.methods.dmd2 import DMD2, DMD2Config
-    from fewstep.schedules import VPDiscrete
+    from fewstep.run import build as B
+    from fewstep.run.config import ModelConfig
 
     torch.manual_seed(0)
     small = dict(block_out_channels=(32, 32, 64, 64), norm_num_groups=8, layers_per_block=1) if tiny else {}
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, **small)   # SD1.5 architecture: 860M
     unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
     if checkpointing:     # what --model.gradient_checkpointing true does; the copies below inherit it
-        from fewstep import backbone_options
+        from fewstep.backbones import options as backbone_options
 
         backbone_options.apply(unet, ModelConfig(gradient_checkpointing=True))
     sched = {"_class_name": "DDPMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
@@ -54,7 +54,7 @@ def build(mode: str, device: str, rank: int, tiny: bool, dtype, checkpointing: b
 def batch(n: int, device: str):
     import torch
 
-    from fewstep.conditioning import Batch, Cond
+    from fewstep.core.conditioning import Batch, Cond
 
     g = torch.Generator().manual_seed(0)
     text = torch.randn(n, 77, 768, generator=g)
@@ -65,8 +65,8 @@ def batch(n: int, device: str):
 def one_mode(args) -> dict:
     import torch
 
-    from fewstep import loop, optim
-    from fewstep.config import OptimConfig
+    from fewstep.run.config import OptimConfig
+    from fewstep.training import loop, optim
 
     torch.set_num_threads(max(1, args.threads))
     bf16 = args.device == "cuda"     # bf16 autocast is slow on CPU: measure CPU memory in fp32

@@ -28,9 +28,8 @@ def main():
 
     import torch
 
-    from fewstep import build, loop, optim, presets
-    from fewstep.finish import make_source
-    from train.dmd2 import make_method
+    from fewstep.run import build, presets
+    from fewstep.training import loop, optim
 
     if args.device == "cpu":
         torch.set_num_threads(1)
@@ -38,9 +37,9 @@ def main():
     if args.batch:
         cfg.data.batch_size = args.batch
     teacher = build.load_teacher(cfg.model)
-    source = make_source(cfg, teacher)
+    source = build.make_source(cfg, teacher)
     torch.manual_seed(0)
-    method = make_method(cfg, teacher).to(args.device)
+    method = build.make_method(cfg, teacher).to(args.device)
     params = method.trainable()
     opts = {t.name: optim.build(params[t.name], cfg.optim[t.name])[0] for t in method.turns}
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)

@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     import torch
     from accelerate import PartialState
 
-    from fewstep.digits_eval import load_any_pipeline
+    from fewstep.digits.scoring import load_any_pipeline
 
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

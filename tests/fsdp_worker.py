@@ -2,7 +2,7 @@
 
 One DMD2 step (critic turn, then student turn) with every ResnetBlock2D and the method itself wrapped by
 FSDP2's ``fully_shard`` (what accelerate's FSDP config does on GPUs), each rank on its half of the global
-batch. Then the run's checkpoint state is gathered whole with ``fewstep.loop._state`` and written by rank 0,
+batch. Then the run's checkpoint state is gathered whole with ``fewstep.training.loop._state`` and written by rank 0,
 reloaded into a freshly built, differently initialized sharded method with ``loop._restore`` and gathered
 again. The test compares both files with a one-process run.
 
@@ -17,12 +17,11 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fewstep import build, distributed, loop, optim  # noqa: E402
-from fewstep import config as C  # noqa: E402
-from fewstep.ema import EMA  # noqa: E402
-from fewstep.finish import make_source  # noqa: E402
-from fewstep.presets import PRESETS  # noqa: E402
-from train.dmd2 import make_method  # noqa: E402
+from fewstep.core.ema import EMA  # noqa: E402
+from fewstep.run import build  # noqa: E402
+from fewstep.run import config as C  # noqa: E402
+from fewstep.run.presets import PRESETS  # noqa: E402
+from fewstep.training import distributed, loop, optim
 
 # Adam eps 1e-3 keeps the first update proportional to the gradient (see tests/test_multiprocess.py)
 ARGS = ["--preset", "digits_dmd2_4step", "--optim.student.eps", "1e-3",
@@ -35,9 +34,9 @@ def build_method(teacher_dir: str, seed: int = 0, world: int = 1):
     cfg, _ = C.parse([*ARGS, "--data.batch_size", str(4 // world), "--model.teacher", teacher_dir,
                       "--train.seed", str(seed)], PRESETS["dmd2"], "digits_dmd2")
     teacher = build.load_teacher(cfg.model)
-    source = make_source(cfg, teacher)
+    source = build.make_source(cfg, teacher)
     torch.manual_seed(cfg.train.seed)
-    return cfg, make_method(cfg, teacher), source
+    return cfg, build.make_method(cfg, teacher), source
 
 
 def shard(method) -> None:
@@ -87,7 +86,7 @@ def main() -> None:
     cfg2, fresh, _ = build_method(teacher_dir, seed=7, world=world)
     shard(fresh)
     _, opts2, ema2 = optimizers(cfg2, fresh)
-    step, _ = loop._restore(torch.load(out / "fsdp.pt", weights_only=False), fresh, opts2, ema2, root=fresh)
+    step, _, _ = loop._restore(torch.load(out / "fsdp.pt", weights_only=False), fresh, opts2, ema2, root=fresh)
     again = loop._state(fresh, opts2, ema2, step, 0, root=fresh)
     if rank == 0:
         torch.save(again, out / "fsdp_reloaded.pt")

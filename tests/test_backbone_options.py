@@ -9,18 +9,19 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
 import tiny_models
+import torch
 from conftest import tiny_class_unet
-from fewstep import backbone_options
-from fewstep.backbones import adapter_for
-from fewstep.conditioning import Cond
-from fewstep.config import ConfigError, ModelConfig
-from fewstep.denoiser import Denoiser
-from fewstep.encoders import LatentCodec, PromptEncoder
-from fewstep.schedules import VPDiscrete, from_diffusers, prediction_type_of
 from test_backbones import PROMPTS, SIZE, backbone
+
+from fewstep.backbones import adapter_for
+from fewstep.backbones import options as backbone_options
+from fewstep.backbones.encoders import LatentCodec, PromptEncoder
+from fewstep.core.conditioning import Cond
+from fewstep.core.denoiser import Denoiser
+from fewstep.core.schedules import VPDiscrete, from_diffusers, prediction_type_of
+from fewstep.errors import ConfigError
+from fewstep.run.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +79,7 @@ def test_xformers_without_package_or_gpu_fails_cleanly(tmp_path):
                         str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
     line = r.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: --model.attention xformers:") and "--model.attention sdpa" in line, r.stderr
+    assert line.startswith("error: model.attention xformers:") and "model.attention sdpa" in line, r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -86,15 +87,15 @@ def test_xformers_without_package_or_gpu_fails_cleanly(tmp_path):
 def test_attention_value_is_checked():
     r = subprocess.run([sys.executable, "train/dmd2.py", "--model.attention", "flash", "--dry-run"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "--model.attention 'flash' is not valid; use sdpa or xformers" in r.stderr
+    assert r.returncode == 2 and "model.attention 'flash' is not valid; use sdpa or xformers" in r.stderr
 
 
 def dmd2_lora_grads(checkpointing: bool):
     """Both DMD2 turns in LoRA mode (student, critic and teacher on one UNet) -> every adapter's gradient."""
-    from fewstep import build as B
-    from fewstep import loop
-    from fewstep.conditioning import Batch
+    from fewstep.core.conditioning import Batch
     from fewstep.methods.dmd2 import DMD2, DMD2Config
+    from fewstep.run import build as B
+    from fewstep.training import loop
 
     torch.manual_seed(0)
     pipe = tiny_models.sd15()

@@ -14,16 +14,16 @@ records each call (inputs, keyword arguments, output). The tests then check, at 
 from __future__ import annotations
 
 import pytest
+import tiny_models
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
-import tiny_models
 from fewstep.backbones import adapter_for
-from fewstep.conditioning import Cond
-from fewstep.denoiser import Denoiser
-from fewstep.encoders import LatentCodec, PromptEncoder
-from fewstep.parameterization import to_x0
-from fewstep.schedules import RectifiedFlow, from_diffusers, prediction_type_of
+from fewstep.backbones.encoders import LatentCodec, PromptEncoder
+from fewstep.core.conditioning import Cond
+from fewstep.core.denoiser import Denoiser
+from fewstep.core.parameterization import to_x0
+from fewstep.core.schedules import RectifiedFlow, from_diffusers, prediction_type_of
 
 PROMPTS = ["a red cat", "two dogs on grass"]
 STEPS = 3

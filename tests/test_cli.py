@@ -62,7 +62,7 @@ def test_output_dir_of_another_config_is_refused_and_untouched(tiny_teacher_dir,
     (out / "config.json").write_text(json.dumps(saved))
     r = run("--model.teacher", str(tiny_teacher_dir), "--train.output_dir", str(out), "--train.max_steps", "1")
     assert r.returncode == 2
-    assert "holds a run with a different config" in r.stderr and "--train.overwrite true" in r.stderr
+    assert "holds a run with a different config" in r.stderr and "train.overwrite true" in r.stderr
     assert json.loads((out / "config.json").read_text()) == saved and os.listdir(out) == ["config.json"]
 
 
@@ -88,9 +88,9 @@ torch.save(out, sys.argv[2])
 def student_samples(out_dir, steps):
     from diffusers import UNet2DModel
 
-    from fewstep import build
-    from fewstep.conditioning import Cond
-    from fewstep.config import ModelConfig
+    from fewstep.core.conditioning import Cond
+    from fewstep.run import build
+    from fewstep.run.config import ModelConfig
 
     cfg = json.loads((out_dir / "config.json").read_text())
     teacher = build.load_teacher(ModelConfig(teacher=cfg["model"]["teacher"]))

@@ -5,10 +5,17 @@ import scipy.linalg
 import torch
 from sklearn.datasets import load_digits as sk_load_digits
 
-from fewstep.digits import NULL_CLASS, NUM_CLASSES, load_digits, random_shift
-from fewstep.metrics import (DigitsNet, class_accuracy, extract_features, fd_digits, feature_stats,
-                             frechet_distance, load_digits_net)
-from fewstep.teacher_training import TEACHER_DIR
+from fewstep.digits.data import NULL_CLASS, NUM_CLASSES, load_digits, random_shift
+from fewstep.digits.metrics import (
+    DigitsNet,
+    class_accuracy,
+    extract_features,
+    fd_digits,
+    feature_stats,
+    frechet_distance,
+    load_digits_net,
+)
+from fewstep.digits.teacher import TEACHER_DIR
 
 torch.set_num_threads(1)
 

@@ -13,15 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from fewstep import build, cli
-from fewstep import digits_t2i as D
 from fewstep.backbones import adapter_for
-from fewstep.config import ConfigError, ModelConfig
-from fewstep.denoiser import Denoiser
-from fewstep.encoders import LatentCodec, PromptEncoder
-from fewstep.generator import FewStepGenerator
-from fewstep.schedules import from_diffusers
-from fewstep.timesteps import from_timesteps
+from fewstep.backbones.encoders import LatentCodec, PromptEncoder
+from fewstep.core.denoiser import Denoiser
+from fewstep.core.generator import FewStepGenerator
+from fewstep.core.schedules import from_diffusers
+from fewstep.core.timesteps import from_timesteps
+from fewstep.digits import t2i as D
+from fewstep.errors import ConfigError
+from fewstep.run import build, cli
+from fewstep.run.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a handwritten seven", "the digit 3", "zero"]
@@ -98,17 +99,12 @@ def test_missing_text_encoder_package_is_a_one_line_error(monkeypatch, capsys, t
 
 def run_preset(out: Path, *args: str) -> Path:
     """``train/dmd2.py --preset digits_t2i`` in-process: two steps of batch 2, then the export."""
-    import importlib.util
-
     from accelerate.state import AcceleratorState
 
-    spec = importlib.util.spec_from_file_location("train_dmd2", ROOT / "train" / "dmd2.py")
-    dmd2 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(dmd2)
     AcceleratorState._reset_state(reset_partial_state=True)
     argv = ["--preset", "digits_t2i", "--train.max_steps", "2", "--data.batch_size", "2", "--train.output_dir",
             str(out), "--train.evaluate", "false", *args]
-    return cli.run("dmd2", dmd2.__doc__, "train/dmd2.py", "digits_dmd2", dmd2.make_method, argv=argv)
+    return cli.main("dmd2", argv=argv)
 
 
 RELOAD = """

@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fewstep import build, loop
-from fewstep.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
-from fewstep.data import ClassLabelSource
 from fewstep.methods.dmd2 import DMD2, DMD2Config
+from fewstep.run import build
+from fewstep.run.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from fewstep.training import loop
+from fewstep.training.data import ClassLabelSource
 
 
 def make(teacher_dir, out, *, steps=4, batch=4, accum=1, t_list=(999,), gan=True, ema=0.9, adam_eps=1e-8):
@@ -104,7 +105,7 @@ def test_accumulation_4x1_equals_2x2(tiny_teacher_dir, tmp_path):
 
 
 def test_checkpoints_are_pruned_and_partial_ones_ignored(tiny_teacher_dir, tmp_path):
-    from fewstep import checkpoint
+    from fewstep.training import checkpoint
 
     cfg, method, source = make(tiny_teacher_dir, tmp_path, steps=6)
     loop.train(cfg, method, source, accel(tmp_path))

@@ -12,10 +12,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from fewstep import checkpoint, config, loop
-from fewstep.presets import PRESETS
 from test_dmd2_loop import accel, make
+
+from fewstep.run import config
+from fewstep.run.presets import PRESETS
+from fewstep.training import checkpoint, loop
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

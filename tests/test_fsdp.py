@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fsdp_worker  # noqa: E402
 
-from fewstep import loop  # noqa: E402
+from fewstep.training import loop  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,11 +1,12 @@
 """LoRA mode: one frozen base holds teacher, student and critic; the fused export equals the student."""
 import torch
-
-from fewstep import build, lora, loop
-from fewstep.backbones import adapter_for
-from fewstep.denoiser import Denoiser
-from fewstep.methods.dmd2 import DMD2
 from test_dmd2_loop import accel, make
+
+from fewstep.backbones import adapter_for, lora
+from fewstep.core.denoiser import Denoiser
+from fewstep.methods.dmd2 import DMD2
+from fewstep.run import build
+from fewstep.training import loop
 
 
 def lora_method(teacher_dir, out, dtype="float32"):

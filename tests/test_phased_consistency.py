@@ -2,7 +2,6 @@
 condition, pseudo-Huber gradient, the DDIM teacher solver against diffusers, turn isolation, the train
 scripts end to end with exports that reload without fewstep, and convergence on the exact toy teacher."""
 import copy
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,16 +12,18 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
-from fewstep import build, cli, loop
-from fewstep.presets import PRESETS
-from fewstep.conditioning import Cond
-from fewstep.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
-from fewstep.losses import pseudo_huber
-from fewstep.methods.consistency import Consistency, ConsistencyConfig, ConsistencyGenerator, ddim_step
-from fewstep.methods.phased_dmd import PhasedDMD, PhasedDMDConfig, PhasedGenerator
-from fewstep.parameterization import to_x0
-from fewstep.schedules import RectifiedFlow, VPDiscrete
-from fewstep.timesteps import from_timesteps
+from fewstep.core.conditioning import Cond
+from fewstep.core.generator import FewStepGenerator, ddim_step
+from fewstep.core.losses import pseudo_huber
+from fewstep.core.parameterization import to_x0
+from fewstep.core.schedules import RectifiedFlow, VPDiscrete
+from fewstep.core.timesteps import from_timesteps
+from fewstep.methods.consistency import Consistency, ConsistencyConfig
+from fewstep.methods.phased_dmd import PhasedDMD, PhasedDMDConfig, phased_generator
+from fewstep.run import build, cli
+from fewstep.run.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from fewstep.run.presets import PRESETS
+from fewstep.training import loop
 
 ROOT = Path(__file__).resolve().parents[1]
 T_LIST = (999, 749, 499, 249)
@@ -46,15 +47,15 @@ def test_transition_composes_to_the_forward_marginal(schedule):
 
 def test_consistency_boundary_condition(tiny_teacher_dir):
     teacher = build.load_teacher(ModelConfig(teacher=str(tiny_teacher_dir)))
-    gen = ConsistencyGenerator(teacher.denoiser, from_timesteps(T_LIST, teacher.denoiser.schedule), 10.0)
+    gen = FewStepGenerator(teacher.denoiser, from_timesteps(T_LIST, teacher.denoiser.schedule), timestep_scaling=10.0)
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     cond = Cond(labels=torch.tensor([1, 2, 3]))
     with torch.no_grad():
-        assert torch.equal(gen.f(teacher.denoiser, x, torch.zeros(3), cond), x)          # c_skip = 1, c_out = 0
+        assert torch.equal(gen.x0(teacher.denoiser, x, torch.zeros(3), cond), x)          # c_skip = 1, c_out = 0
         s = torch.full((3,), 0.5)
         torch.testing.assert_close(gen.jump(teacher.denoiser, x, s, s, cond), x)        # F_s(x, s) = x
         t = torch.full((3,), 20 / 999)     # 20 timesteps up: c_skip < 1e-5, so f is the x0 prediction
-        torch.testing.assert_close(gen.f(teacher.denoiser, x, t, cond), teacher.denoiser(x, t, cond),
+        torch.testing.assert_close(gen.x0(teacher.denoiser, x, t, cond), teacher.denoiser(x, t, cond),
                                    atol=1e-4, rtol=0)
 
 
@@ -93,7 +94,7 @@ def test_w_condition_starts_as_the_teacher_and_embeds_omega():
     from tiny_models import sd15
 
     from fewstep.backbones import adapter_for
-    from fewstep.denoiser import Denoiser
+    from fewstep.core.denoiser import Denoiser
     from fewstep.methods.consistency import guidance_embedding, with_w_condition
 
     unet = sd15().unet
@@ -120,13 +121,13 @@ def _run_cfg(teacher_dir, out, method_name, mcfg, t_list, optim):
 
 def _methods(teacher_dir, out):
     """A 4-phase PhasedDMD and a segmented consistency method on the tiny teacher, with their sources."""
-    from fewstep.data import ClassLabelSource
+    from fewstep.training.data import ClassLabelSource
 
     g = torch.Generator().manual_seed(0)
     source = ClassLabelSource(torch.rand(20, 1, 8, 8, generator=g) * 2 - 1, torch.arange(20) % 10, 10, 10, 4)
     cfg = _run_cfg(teacher_dir, out, "phased_dmd", PhasedDMDConfig(student_every=1), T_LIST, {})
     teacher = build.load_teacher(cfg.model)
-    student = PhasedGenerator.from_students([build.make_student(teacher, cfg.model) for _ in T_LIST])
+    student = phased_generator([build.make_student(teacher, cfg.model) for _ in T_LIST])
     phased = PhasedDMD(cfg.method, teacher.denoiser, student, build.make_critic(teacher, cfg.model), 8)
     teacher2 = build.load_teacher(cfg.model)
     cons = Consistency(ConsistencyConfig(segment_schedule=(8, 4), w_min=1.5, w_max=3.0), teacher2.denoiser,
@@ -184,20 +185,13 @@ torch.save(out, sys.argv[1])
 """
 
 
-def _train_script(name):
-    spec = importlib.util.spec_from_file_location(f"train_{name}", ROOT / "train" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _fewstep_samples(out_dir, steps):
     """fewstep's own sampler for the exported weights: the run's preset rebuilt, the exported weights loaded."""
     saved = json.loads((out_dir / "config.json").read_text())
     cfg = PRESETS[saved["method_name"]][saved["preset"]]()
     cfg.model.teacher = saved["model"]["teacher"]
-    method = _train_script(saved["method_name"]).make_method(cfg, build.load_teacher(cfg.model))
-    for i, d in enumerate(getattr(method.student, "experts", [method.student.denoiser])):
+    method = build.make_method(cfg, build.load_teacher(cfg.model))
+    for i, d in enumerate(method.student.experts):
         sub = "unet" if i == 0 else f"unet_{i}"
         d.backbone.model.load_state_dict(UNet2DModel.from_pretrained(out_dir, subfolder=sub).state_dict())
     g = torch.Generator().manual_seed(7)
@@ -219,9 +213,7 @@ def test_train_scripts_run_and_exports_match_fewstep_without_fewstep(tiny_teache
             "sid": ("sid", ["--preset", "digits_sid_4step"]),
             "fdistill": ("fdistill", ["--preset", "digits_fdistill_4step", "--method.student_every", "1"])}
     for key, (script, extra) in runs.items():
-        module = _train_script(script)
-        cli.run(script, module.__doc__, f"train/{script}.py", f"digits_{script}", module.make_method,
-                argv=[*extra, *common, "--train.output_dir", str(tmp_path / key)])
+        cli.main(script, argv=[*extra, *common, "--train.output_dir", str(tmp_path / key)])
         assert (tmp_path / key / "model_index.json").is_file()
     experts = [UNet2DModel.from_pretrained(tmp_path / "phased", subfolder=s).state_dict()["conv_in.weight"]
                for s in ("unet", "unet_1", "unet_2", "unet_3")]
@@ -246,15 +238,15 @@ def _toy_run(tmp_path, method_name, steps, lr, t_list, optim_critic=None, ema=0.
     """Train on the exact Gaussian-mixture teacher; returns the student's (mode-weight, mean) errors."""
     from contextlib import nullcontext
 
-    from fewstep.denoiser import Denoiser  # noqa: F401  (the toy builds its own Denoisers)
-    from fewstep.toy import ToyGMMModel, toy_denoiser, toy_source
+    from fewstep.core.denoiser import Denoiser  # noqa: F401  (the toy builds its own Denoisers)
+    from fewstep.testing.toy import ToyGMMModel, toy_denoiser, toy_source
 
     torch.manual_seed(0)
     model = ToyGMMModel().eval()
     teacher = toy_denoiser(model)
 
     def student():
-        from fewstep.generator import FewStepGenerator
+        from fewstep.core.generator import FewStepGenerator
 
         copy_ = toy_denoiser(copy.deepcopy(model).train().requires_grad_(True))
         return FewStepGenerator(copy_, from_timesteps(t_list, teacher.schedule))
@@ -265,7 +257,7 @@ def _toy_run(tmp_path, method_name, steps, lr, t_list, optim_critic=None, ema=0.
     else:
         mcfg = PhasedDMDConfig(guidance_scale=1.0, student_every=1)
         critic = toy_denoiser(copy.deepcopy(model).train().requires_grad_(True))
-        gen = PhasedGenerator.from_students([student() for _ in t_list])
+        gen = phased_generator([student() for _ in t_list])
         method = PhasedDMD(mcfg, teacher, gen, critic, steps)
         optim = {"student": OptimConfig(lr=lr), "critic": OptimConfig(lr=optim_critic)}
     cfg = RunConfig(method_name=method_name, method=mcfg, optim=optim, data=DataConfig(batch_size=64),

@@ -5,9 +5,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-from fewstep.parameterization import PREDICTION_TYPES, convert, to_x0
-from fewstep.schedules import RectifiedFlow, TrigFlow, VPDiscrete, from_diffusers, prediction_type_of
-from fewstep.timesteps import from_timesteps
+from fewstep.core.parameterization import PREDICTION_TYPES, convert, to_x0
+from fewstep.core.schedules import RectifiedFlow, TrigFlow, VPDiscrete, from_diffusers, prediction_type_of
+from fewstep.core.timesteps import from_timesteps
 
 BETAS = [dict(beta_schedule="linear"), dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
          dict(beta_schedule="squaredcos_cap_v2")]

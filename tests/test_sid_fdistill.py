@@ -11,22 +11,23 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_class_unet
-from fewstep import losses, loop
+
 from fewstep.backbones import adapter_for
-from fewstep.conditioning import Batch, Cond
-from fewstep.config import OptimConfig, RunConfig, TrainConfig
-from fewstep.data import ClassLabelSource
-from fewstep.denoiser import Denoiser
-from fewstep.generator import FewStepGenerator
-from fewstep.heads import ConvHead
+from fewstep.core import losses
+from fewstep.core.conditioning import Batch, Cond
+from fewstep.core.denoiser import Denoiser
+from fewstep.core.generator import FewStepGenerator
+from fewstep.core.heads import ConvHead
+from fewstep.core.schedules import VPDiscrete, bcast
+from fewstep.core.timesteps import from_timesteps
 from fewstep.methods.dmd2 import DMD2, DMD2Config
 from fewstep.methods.fdistill import FDistill, FDistillConfig
 from fewstep.methods.sid import SiD, SiDConfig, sid_timesteps
-from fewstep.schedules import VPDiscrete, bcast
-from fewstep.timesteps import from_timesteps
-from fewstep.toy import ToyGMMModel, toy_denoiser, toy_source
+from fewstep.run.config import OptimConfig, RunConfig, TrainConfig
+from fewstep.testing.toy import ToyGMMModel, toy_denoiser, toy_source
+from fewstep.training import loop
+from fewstep.training.data import ClassLabelSource
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHED = VPDiscrete.from_betas(1000, beta_schedule="squaredcos_cap_v2")
@@ -265,21 +266,18 @@ def test_help_of_both_scripts():
 
 @pytest.mark.parametrize("script", ["sid", "fdistill"])
 def test_three_step_smoke_run_exports_a_pipeline(script, tiny_teacher_dir, tmp_path):
-    import runpy
-
-    entry = runpy.run_path(str(ROOT / "train" / f"{script}.py"))
     out = tmp_path / script
     argv = ["--model.teacher", str(tiny_teacher_dir), "--train.output_dir", str(out), "--train.max_steps", "3",
             "--train.evaluate", "false", "--data.batch_size", "4"]
-    from fewstep.cli import run
+    from fewstep.run.cli import main
 
-    run(script, entry["__doc__"], f"train/{script}.py", f"digits_{script}", entry["make_method"], argv=argv)
+    main(script, argv=argv)
     index = json.loads((out / "model_index.json").read_text())
     assert "unet" in index and "scheduler" in index
     sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     if script == "sid":
         assert sched["train_timesteps"] == [755] and 0.9 < sched["init_noise_scale"] < 0.95
-    from fewstep import digits_eval
+    from fewstep.digits import scoring as digits_eval
 
     pipe = digits_eval.load_pipeline(out)
     images = pipe([1, 2], num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="pt").images

@@ -1,37 +1,35 @@
 """Text-to-image students end to end on the tiny stock pipelines of every family (tests/tiny_models.py).
 
 Each family's tiny pipeline is saved to a folder and distilled for two steps through the training entry
-point (``fewstep.cli.run`` in-process, exactly what ``train/<method>.py`` runs) on a prompt file. The
+point (``fewstep.run.cli.main`` in-process, exactly what ``train/<method>.py`` runs) on a prompt file. The
 export is reloaded with the family's STOCK diffusers pipeline class and sampled at the trained step count.
 For SD1.5 (VP, stock ``LCMScheduler``) and SD3 (flow, ``FewStepScheduler`` as a custom component) the stock
 pipeline's 1- and 4-step images equal fewstep's own sampler, decode included. Every other method in
-``fewstep.methods.METHODS`` trains two steps on every family (f-distill and consistency, which need real
+``fewstep.methods.REGISTRY`` trains two steps on every family (f-distill and consistency, which need real
 data, stop with one line on the video family); a LoRA student loads onto the teacher
 pipeline with ``load_lora_weights``; prompt and image data fail with one-line errors.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 from pathlib import Path
 
 import diffusers
 import numpy as np
 import pytest
+import tiny_models
 import torch
 from PIL import Image
 
-import tiny_models
-from fewstep import build, cli
 from fewstep.backbones import adapter_for
-from fewstep.config import ConfigError, DataConfig
-from fewstep.denoiser import Denoiser
-from fewstep.encoders import LatentCodec, PromptEncoder
-from fewstep.generator import FewStepGenerator
-from fewstep.methods import METHODS
-from fewstep.schedules import from_diffusers, prediction_type_of
-from fewstep.timesteps import from_timesteps
+from fewstep.backbones.encoders import LatentCodec, PromptEncoder
+from fewstep.core.denoiser import Denoiser
+from fewstep.core.generator import FewStepGenerator
+from fewstep.core.schedules import from_diffusers, prediction_type_of
+from fewstep.core.timesteps import from_timesteps
+from fewstep.errors import ConfigError
+from fewstep.run import build, cli
+from fewstep.run.config import DataConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red cat", "two dogs on grass", "a blue house", "an old car"]
@@ -46,15 +44,7 @@ SCHED = {"sd15": "LCMScheduler", "sdxl": "FewStepScheduler", "sd3": "FewStepSche
 NO_GAN = ["--model.gan_head", "false", "--method.gan_weight_student", "0"]
 
 
-def _importable(name: str) -> bool:
-    try:
-        importlib.import_module(f"fewstep.methods.{name}")
-    except Exception:  # noqa: BLE001 (a colleague's method mid-edit: leave it out)
-        return False
-    return name in METHODS
-
-
-OTHER_METHODS = [m for m in ("sid", "fdistill", "phased_dmd", "consistency") if _importable(m)]
+OTHER_METHODS = ["sid", "fdistill", "phased_dmd", "consistency"]
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -86,14 +76,6 @@ def teachers(work):
     return get
 
 
-def entry(method: str):
-    """The training script ``train/<method>.py`` as a module (its ``make_method`` and docstring)."""
-    spec = importlib.util.spec_from_file_location(f"train_{method}", ROOT / "train" / f"{method}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module", autouse=True)
 def fresh_accelerator_state():
     """accelerate keeps one process-wide state; the bf16 presets change it, so leave it as found."""
@@ -108,11 +90,10 @@ def train(method: str, teacher: Path, out: Path, *args: str) -> Path:
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)    # runs in one process may differ in precision
-    module = entry(method)
     argv = ["--model.teacher", str(teacher), "--data.source", "prompts", "--data.resolution", str(SIZE),
             "--data.batch_size", "2", "--train.max_steps", "2", "--train.output_dir", str(out),
             "--train.evaluate", "false", *args]
-    return cli.run(method, module.__doc__, f"train/{method}.py", f"digits_{method}", module.make_method, argv=argv)
+    return cli.main(method, argv=argv)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +131,7 @@ def error_lines(capsys) -> list[str]:
 
 def load_stock(family: str, folder: Path):
     index = json.loads((folder / "model_index.json").read_text())
-    custom = index["scheduler"][0] == "scheduling_fewstep"
+    custom = any(isinstance(v, list) and v[0] in ("scheduling_fewstep", "experts_fewstep") for v in index.values())
     pipe = getattr(diffusers, STOCK[family]).from_pretrained(folder, trust_remote_code=custom)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -218,7 +199,7 @@ def test_stock_pipeline_equals_fewstep_sampler(family, steps, runs, teachers):
 def test_stock_scheduler_steps_equal_fewstep_scheduler(family, teachers):
     """The stock scheduler chosen for the export and FewStepScheduler take the same 4 steps (same model
     outputs, same generator): LCM for VP, FlowMatchLCM with FluxPipeline's linear sigmas for flow."""
-    from fewstep_pipelines import fewstep_scheduler_for, student_scheduler_for
+    from fewstep.run.schedulers import fewstep_scheduler_for, student_scheduler_for
 
     config = json.loads((teachers(family) / "scheduler" / "scheduler_config.json").read_text())
     tlist = TLIST[family]
@@ -260,6 +241,23 @@ def test_lora_student_loads_on_teacher_pipeline(work, teachers):
     assert (loaded - plain).abs().max() > 1e-3, "the LoRA did not change the teacher's output"
 
 
+def test_lora_export_over_a_bf16_base_equals_teacher_plus_lora(work, teachers):
+    """Trained over a bf16-stored base, the fused full export is the adapter merged into the teacher's own
+    weights, so it gives the images "teacher + LoRA file" gives (a merge into the bf16 copy differed by ~1e-3)."""
+    teacher = teachers("sd15")
+    out = train("dmd2", teacher, work / "runs" / "sd15_lora_bf16", "--data.prompts", str(work / "prompts.txt"),
+                "--model.mode", "lora", "--model.lora_rank", "4", "--model.teacher_dtype", "bfloat16",
+                "--optim.student.lr", "1e-2", "--train.ema_decay", "0", *NO_GAN)
+    pipe = load_stock("sd15", teacher)
+    pipe.scheduler = diffusers.LCMScheduler.from_pretrained(out, subfolder="scheduler")
+    plain = generate(pipe, "sd15", PROMPTS[:2], 1)
+    pipe.load_lora_weights(out)
+    fused = load_stock("sd15", out)
+    a, b = generate(pipe, "sd15", PROMPTS[:2], 1), generate(fused, "sd15", PROMPTS[:2], 1)
+    assert (a - plain).abs().max() > 1e-3, "the LoRA did not change the teacher's output"
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ other methods
 FLOW = ("sd3", "flux", "sana", "wan")
 # real-data methods on the video family: fewstep has no real-video loader (a one-line error says so)
@@ -299,7 +297,7 @@ def test_other_methods_train_and_export(method, family, work, teachers, capsys):
         with pytest.raises(SystemExit) as e:
             train(method, teacher, work / "runs" / f"{method}_{family}", *args)
         assert e.value.code == 2 and error_lines(capsys) == [
-            "error: --data.images: real videos are not supported; leave it empty for video teachers"]
+            "error: data.images: real videos are not supported; leave it empty for video teachers"]
         return
     out = train(method, teacher, work / "runs" / f"{method}_{family}", *args)
     ts = json.loads((out / "config.json").read_text())["model"]["student_timesteps"]
@@ -310,27 +308,44 @@ def test_other_methods_train_and_export(method, family, work, teachers, capsys):
     assert tuple(x.shape) == shape and torch.isfinite(x).all()
 
 
-@pytest.mark.skipif("phased_dmd" not in OTHER_METHODS, reason="phased_dmd not importable")
-def test_phased_experts_export_to_wan_or_fail_before_training(work, teachers, capsys):
-    out = train("phased_dmd", teachers("wan"), work / "runs" / "phased_wan", "--data.prompts",
-                str(work / "prompts.txt"), "--data.num_frames", str(FRAMES), "--method.phases", "2",
-                "--model.student_timesteps", "1000,500")
+@pytest.mark.parametrize("family", list(STOCK))
+def test_phased_students_export_for_every_family(family, work, teachers):
+    """Two experts on every family: Wan 2.2's own layout (transformer, transformer_2), elsewhere the expert switch
+    (FewStepExperts) in the backbone's slot. The stock pipeline loads and samples it; each expert runs its phase;
+    the run folder reloads as a two-expert student."""
+    flow = family in FLOW
+    teacher = teachers(family)
+    extra = ["--data.num_frames", str(FRAMES)] if family == "wan" else []
+    out = train("phased_dmd", teacher, work / "runs" / f"phased2_{family}", "--data.prompts", str(work / "prompts.txt"),
+                "--method.phases", "2", "--model.student_timesteps", "1000,500" if flow else "999,499",
+                "--method.student_every", "1", "--optim.student.lr", "1e-2", *extra)
     index = json.loads((out / "model_index.json").read_text())
-    assert index["transformer_2"] == ["diffusers", "WanTransformer3DModel"] and index["boundary_ratio"] == 0.75
-    x = generate(load_stock("wan", out), "wan", PROMPTS[:1], 2)
-    assert tuple(x.shape) == (1, FRAMES, 3, SIZE, SIZE)
-    bad = work / "runs" / "phased_sd15_2"
-    with pytest.raises(SystemExit) as e:
-        train("phased_dmd", teachers("sd15"), bad, "--data.prompts", str(work / "prompts.txt"),
-              "--method.phases", "2", "--model.student_timesteps", "999,499")
-    err = error_lines(capsys)
-    assert e.value.code == 2 and len(err) == 1 and "cannot be exported as a stock StableDiffusionPipeline" in err[0]
-    assert not bad.exists()
+    folder = "unet" if family in ("sd15", "sdxl") else "transformer"
+    pipe = load_stock(family, out)
+    if family == "wan":
+        assert index["transformer_2"] == ["diffusers", "WanTransformer3DModel"] and index["boundary_ratio"] == 0.75
+        first, second = pipe.transformer, pipe.transformer_2
+    else:
+        assert index[folder] == ["experts_fewstep", "FewStepExperts"]
+        switch = getattr(pipe, folder)
+        first, second = switch.experts
+        ts = [1000, 500] if flow else [999, 499]
+        assert [switch.expert_for(switch.config.get("timestep_scale", 1) * t / (1000 if family == "flux" else 1))
+                for t in ts] == [0, 1]
+    assert any(not torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    x = generate(pipe, family, PROMPTS[:2], 2)
+    shape = (2, FRAMES, 3, SIZE, SIZE) if family == "wan" else (2, 3, SIZE, SIZE)
+    assert tuple(x.shape) == shape and torch.isfinite(x).all()
+    student = FewStepGenerator.from_pretrained(out)
+    assert student.P == 2 and student.phase_of_step == [0, 1]
+    for mine, theirs in zip(student.experts, (first, second)):
+        assert all(torch.equal(a, b) for a, b in zip(mine.backbone.model.state_dict().values(),
+                                                      theirs.state_dict().values()))
 
 
 # --------------------------------------------------------------------------------------------------- data
 def source(teacher: Path, **fields):
-    from fewstep.data import prompt_source
+    from fewstep.training.data import prompt_source
 
     pipe = diffusers.DiffusionPipeline.from_pretrained(teacher)
     return prompt_source(DataConfig(source="prompts", resolution=SIZE, batch_size=fields.pop("batch_size", 2),
@@ -378,7 +393,7 @@ def test_bad_data_is_a_one_line_config_error(work, teachers, tmp_path):
              (dict(prompts=prompts, images=str(gray)), "has 1 channel(s)"),
              (dict(prompts=prompts, images=str(broken)), "is not a readable image"),
              (dict(prompts=prompts, images=str(tmp_path / "nope")), "is not a folder"),
-             (dict(prompts=""), "needs --data.prompts")]
+             (dict(prompts=""), "needs data.prompts")]
     try:
         import datasets  # noqa: F401
     except ImportError:
@@ -392,9 +407,9 @@ def test_bad_data_is_a_one_line_config_error(work, teachers, tmp_path):
 def test_cli_prompt_errors_exit_2_before_training(work, teachers, tmp_path, capsys):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
-        train("dmd2", teachers("sd15"), out, "--data.prompts", str(tmp_path / "none.txt"))
+        train("dmd2", teachers("sd15"), out, "--data.prompts", str(tmp_path / "none.txt"), *NO_GAN)
     err = error_lines(capsys)
-    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: --data.prompts") and not out.exists()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: data.prompts") and not out.exists()
 
 
 # ------------------------------------------------------------------------------------------------ presets
@@ -405,7 +420,7 @@ NEW_PRESETS = {"sdxl_dmd2_4step": "stabilityai/stable-diffusion-xl-base-1.0",
 
 
 def test_text_to_image_presets(monkeypatch, tmp_path):
-    from fewstep.presets import PRESETS
+    from fewstep.run.presets import PRESETS
 
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))    # an empty cache
     sd15 = PRESETS["dmd2"]["sd15_dmd2"]()
@@ -428,18 +443,32 @@ def test_text_to_image_presets(monkeypatch, tmp_path):
         assert ts[0] == 1000 and all(a > b for a, b in zip(ts, ts[1:]))
 
 
-PRESET_TEACHER = {"sd15_dmd2": "sd15", "sdxl_dmd2_4step": "sdxl", "sdxl_dmd2_lora": "sdxl", "sd3_dmd2": "sd3",
-                  "flux_dmd2": "flux"}
+# every real-model preset of every method -> (method, tiny family, what else its data needs)
+PRESET_TEACHER = {"sd15_dmd2": ("dmd2", "sd15", ()), "sdxl_dmd2_4step": ("dmd2", "sdxl", ()),
+                  "sdxl_dmd2_lora": ("dmd2", "sdxl", ()), "sd3_dmd2": ("dmd2", "sd3", ()),
+                  "flux_dmd2": ("dmd2", "flux", ()), "sd15_sid_lsg": ("sid", "sd15", ()),
+                  "sd15_fdistill": ("fdistill", "sd15", ()),
+                  "wan_phased_dmd": ("phased_dmd", "wan", ("--data.num_frames", str(FRAMES), "--data.images", "")),
+                  "sd15_lcm": ("consistency", "sd15", ("--data.source", "images")),
+                  "sdxl_lcm_lora": ("consistency", "sdxl", ("--data.source", "images"))}
+
+
+def test_every_real_model_preset_is_listed_here():
+    from fewstep.run.presets import PRESETS
+
+    real = {name for presets in PRESETS.values() for name in presets if not name.startswith("digits")}
+    assert real == set(PRESET_TEACHER)
 
 
 @pytest.mark.parametrize("preset", list(PRESET_TEACHER))
 def test_preset_runs_on_tiny_teacher(preset, work, teachers):
-    """The real-model presets as published (bf16, GAN, LoRA, backward simulation), one step on the tiny teacher
-    of their family: only the teacher, data paths, size and batch are overridden."""
-    out = train("dmd2", teachers(PRESET_TEACHER[preset]), work / "runs" / preset, "--preset", preset,
+    """The real-model presets as published (bf16, GAN, LoRA, backward simulation, accumulation), one step on the
+    tiny teacher of their family: only the teacher, data paths, size and batch are overridden."""
+    method, family, extra = PRESET_TEACHER[preset]
+    out = train(method, teachers(family), work / "runs" / preset, "--preset", preset,
                 "--data.prompts", str(work / "prompts.txt"), "--data.images", str(work / "images"),
-                "--data.batch_size", "1", "--train.max_steps", "1")
-    assert json.loads((out / "model_index.json").read_text())["_class_name"] == STOCK[PRESET_TEACHER[preset]]
+                "--data.batch_size", "1", "--train.max_steps", "1", *extra)
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == STOCK[family]
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from fewstep.digits import load_digits, stratified_split
-from fewstep.metrics import DIGITS_NET_DIR, class_accuracy, save_digits_net, train_digits_net
+from fewstep.digits.data import load_digits, stratified_split
+from fewstep.digits.metrics import DIGITS_NET_DIR, class_accuracy, save_digits_net, train_digits_net
 
 CARD = """# digits_net: the fewstep FD-digits feature network
 

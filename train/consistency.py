@@ -11,19 +11,7 @@ Examples:
     accelerate launch train/consistency.py --preset sdxl_lcm_lora --model.teacher /path/to/sdxl
     python train/consistency.py --help
 """
-from fewstep import build
-from fewstep.cli import run
-from fewstep.methods.consistency import Consistency, with_w_condition
-
-
-def make_method(cfg, teacher):
-    student = build.make_student(teacher, cfg.model)
-    if cfg.method.w_embedding:
-        with_w_condition(student.denoiser, cfg.method.w_embedding_dim)
-    method = Consistency(cfg.method, teacher.denoiser, student, cfg.train.max_steps)
-    method.export_scheduler(teacher.scheduler_config, cfg.model.student_timesteps)   # fail before training
-    return method
-
+from fewstep.run.cli import main
 
 if __name__ == "__main__":
-    run("consistency", __doc__, "train/consistency.py", "digits_consistency", make_method)
+    main("consistency", __doc__)

@@ -11,14 +11,7 @@ Examples:
         --data.prompts prompts.txt --data.images laion_images/ --data.cache_embeddings cache/sdxl.pt
     python train/dmd2.py --help
 """
-from fewstep import build
-from fewstep.cli import run
-from fewstep.methods.dmd2 import DMD2
-
-
-def make_method(cfg, teacher):
-    return build.make_dmd(DMD2, cfg, teacher)
-
+from fewstep.run.cli import main
 
 if __name__ == "__main__":
-    run("dmd2", __doc__, "train/dmd2.py", "digits_dmd2", make_method)
+    main("dmd2", __doc__)

@@ -10,14 +10,7 @@ Examples:
     accelerate launch train/fdistill.py --preset sd15_fdistill --model.teacher /path/to/sd15
     python train/fdistill.py --help
 """
-from fewstep import build
-from fewstep.cli import run
-from fewstep.methods.fdistill import FDistill
-
-
-def make_method(cfg, teacher):
-    return build.make_dmd(FDistill, cfg, teacher)
-
+from fewstep.run.cli import main
 
 if __name__ == "__main__":
-    run("fdistill", __doc__, "train/fdistill.py", "digits_fdistill", make_method)
+    main("fdistill", __doc__)

@@ -13,15 +13,7 @@ Examples:
     accelerate launch train/sid.py --preset sd15_sid_lsg --method.lsg zero_cfg
     python train/sid.py --help
 """
-from fewstep import build
-from fewstep.cli import run
-from fewstep.methods.sid import SiD, make_generator
-
-
-def make_method(cfg, teacher):
-    critic = build.make_critic(teacher, cfg.model)
-    return SiD(cfg.method, teacher.denoiser, make_generator(teacher, cfg), critic, build.make_head(critic, cfg.model))
-
+from fewstep.run.cli import main
 
 if __name__ == "__main__":
-    run("sid", __doc__, "train/sid.py", "digits_sid", make_method)
+    main("sid", __doc__)

@@ -1,4 +1,5 @@
-"""Train the bundled class-conditional digits teacher and write fewstep/assets/digits_teacher/.
+"""Train the bundled class-conditional digits teacher and write fewstep/assets/digits_teacher/ whole: the
+diffusers folder (unet/, scheduler/, model_index.json and the pipeline file it names) and its model card.
 
     OMP_NUM_THREADS=1 python train/teacher.py     # ~10 min train + a few min evaluation on one CPU core
 """
@@ -13,11 +14,19 @@ from pathlib import Path
 
 import diffusers
 import torch
+from fewstep_pipelines import FewStepClassPipeline
 
-from fewstep.digits import load_digits
-from fewstep.metrics import real_floor
-from fewstep.teacher_training import (CARD, TEACHER_DIR, TeacherConfig, evaluate_teacher, make_sample_scheduler,
-                                      save_teacher, train_teacher)
+from fewstep.digits.data import load_digits
+from fewstep.digits.metrics import real_floor
+from fewstep.digits.teacher import (
+    CARD,
+    TEACHER_DIR,
+    TeacherConfig,
+    evaluate_teacher,
+    make_sample_scheduler,
+    train_teacher,
+)
+from fewstep.run.folders import save_pipeline_dir
 
 
 def main() -> None:
@@ -48,7 +57,8 @@ def main() -> None:
         log_every=args.log_every, final_loss=history[-1][1], wall=wall, torch=torch.__version__,
         diffusers=diffusers.__version__, date=datetime.date.today().isoformat(),
         per_class=args.eval_samples // 10, floor=real_floor()[0])
-    save_teacher(args.out, unet, ddim, card)
+    # the whole folder, as any exported student: loads with DiffusionPipeline.from_pretrained(trust_remote_code)
+    save_pipeline_dir(FewStepClassPipeline(unet=unet, scheduler=ddim), args.out, model_card=card, overwrite=True)
     print(f"saved to {args.out}")
 
 

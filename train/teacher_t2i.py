@@ -17,8 +17,8 @@ import diffusers
 import torch
 import transformers
 
-from fewstep import digits_t2i as D
-from fewstep.teacher_training import make_sample_scheduler, make_train_scheduler
+from fewstep.digits import t2i as D
+from fewstep.digits.teacher import make_sample_scheduler, make_train_scheduler
 
 
 def main() -> None:

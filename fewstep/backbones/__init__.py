@@ -1,17 +1,16 @@
-"""Backbone adapters, looked up by the diffusers class name of the model."""
+"""Backbone adapters, one per diffusers model family, registered with ``fewstep.core.adapter`` by class name."""
 from __future__ import annotations
 
-from .base import BackboneAdapter
-from .flux import FluxAdapter
-from .pixart import PixArtAdapter
-from .sana import SanaAdapter
-from .sd3 import SD3Adapter
-from .toy import ToyAdapter
-from .unet2d import UNet2DAdapter
-from .unet2d_condition import UNet2DConditionAdapter
-from .wan import WanAdapter
+from fewstep.backbones.flux import FluxAdapter
+from fewstep.backbones.pixart import PixArtAdapter
+from fewstep.backbones.sana import SanaAdapter
+from fewstep.backbones.sd3 import SD3Adapter
+from fewstep.backbones.unet2d import UNet2DAdapter
+from fewstep.backbones.unet2d_condition import UNet2DConditionAdapter
+from fewstep.backbones.wan import WanAdapter
+from fewstep.core.adapter import ADAPTERS, BackboneAdapter, adapter_for, register_adapter
 
-ADAPTERS: dict[str, type[BackboneAdapter]] = {
+for _name, _adapter in {
     "UNet2DModel": UNet2DAdapter,
     "UNet2DConditionModel": UNet2DConditionAdapter,
     "SD3Transformer2DModel": SD3Adapter,
@@ -19,17 +18,7 @@ ADAPTERS: dict[str, type[BackboneAdapter]] = {
     "PixArtTransformer2DModel": PixArtAdapter,
     "SanaTransformer2DModel": SanaAdapter,
     "WanTransformer3DModel": WanAdapter,
-    "ToyGMMModel": ToyAdapter,
-}
+}.items():
+    register_adapter(_name, _adapter)
 
-
-def adapter_for(model, prediction_type: str) -> BackboneAdapter:
-    """Wrap a diffusers model in the adapter for its family."""
-    name = type(model).__name__
-    for cls in type(model).__mro__:
-        if cls.__name__ in ADAPTERS:
-            return ADAPTERS[cls.__name__](model, prediction_type)
-    raise ValueError(f"no fewstep adapter for {name}; supported backbones: {', '.join(sorted(ADAPTERS))}")
-
-
-__all__ = ["ADAPTERS", "BackboneAdapter", "adapter_for"]
+__all__ = ["ADAPTERS", "BackboneAdapter", "adapter_for", "register_adapter"]

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..conditioning import Cond
-from .base import TokenAdapter
+from fewstep.backbones.base import TokenAdapter
+from fewstep.core.conditioning import Cond
 
 
 def pack(x: Tensor) -> Tensor:
@@ -58,6 +58,9 @@ class FluxAdapter(TokenAdapter):
         self.feature_modules = (f"transformer_blocks.{mid}" if mid < n_double
                                 else f"single_transformer_blocks.{mid - n_double}",)
 
+    def model_timestep(self, timestep):
+        return timestep / 1000
+
     def forward(self, x_t, timestep, cond: Cond):
         b, _, h, w = x_t.shape
         if h % 2 or w % 2:
@@ -74,7 +77,7 @@ class FluxAdapter(TokenAdapter):
         txt_ids = cond.added.get("txt_ids")
         txt_ids = txt_ids[0] if txt_ids is not None else x_t.new_zeros(cond.text.shape[1], 3)
         self.grid = (h // 2, w // 2)
-        out = self.model(hidden_states=pack(x_t), timestep=timestep.to(x_t.device, x_t.dtype) / 1000,
+        out = self.model(hidden_states=pack(x_t), timestep=self.model_timestep(timestep.to(x_t.device, x_t.dtype)),
                          guidance=guidance, pooled_projections=self.cast(cond.pooled, x_t),
                          encoder_hidden_states=self.cast(cond.text, x_t), txt_ids=self.cast(txt_ids, x_t),
                          img_ids=image_ids(h // 2, w // 2, x_t.device, x_t.dtype), return_dict=False)[0]

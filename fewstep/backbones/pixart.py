@@ -8,8 +8,8 @@ micro-conditions ``resolution`` ``[B, 2]`` and ``aspect_ratio`` ``[B, 1]`` (``Co
 """
 from __future__ import annotations
 
-from ..conditioning import Cond
-from .base import TokenAdapter
+from fewstep.backbones.base import TokenAdapter
+from fewstep.core.conditioning import Cond
 
 
 class PixArtAdapter(TokenAdapter):

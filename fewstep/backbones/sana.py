@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from ..conditioning import Cond
-from .base import TokenAdapter
+from fewstep.backbones.base import TokenAdapter
+from fewstep.core.conditioning import Cond
 
 
 class SanaAdapter(TokenAdapter):
     """``SanaTransformer2DModel(x_t, encoder_hidden_states=Cond.text, encoder_attention_mask=Cond.text_mask)``."""
+
+    def model_timestep(self, timestep):
+        return timestep * self.model.config.timestep_scale
 
     def forward(self, x_t, timestep, cond: Cond):
         config = self.model.config
@@ -28,7 +31,7 @@ class SanaAdapter(TokenAdapter):
         self.grid = (x_t.shape[-2] // config.patch_size, x_t.shape[-1] // config.patch_size)
         out = self.model(x_t, encoder_hidden_states=self.cast(cond.text, x_t),
                          encoder_attention_mask=self.cast(cond.text_mask, x_t),
-                         timestep=timestep.to(x_t.device) * config.timestep_scale, guidance=guidance,
+                         timestep=self.model_timestep(timestep.to(x_t.device)), guidance=guidance,
                          return_dict=False)[0]
         c = x_t.shape[1]
         return out[:, :c] if out.shape[1] == 2 * c else out

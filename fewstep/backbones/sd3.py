@@ -7,8 +7,8 @@ The output is the flow velocity ``u = eps - x0`` (``flow_prediction``).
 """
 from __future__ import annotations
 
-from ..conditioning import Cond
-from .base import TokenAdapter
+from fewstep.backbones.base import TokenAdapter
+from fewstep.core.conditioning import Cond
 
 
 class SD3Adapter(TokenAdapter):

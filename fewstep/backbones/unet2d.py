@@ -1,11 +1,11 @@
 """Adapter for diffusers ``UNet2DModel``: pixel space, unconditional or class-conditional."""
 from __future__ import annotations
 
-from ..conditioning import Cond
-from .base import BackboneAdapter
+from fewstep.backbones.base import DiffusersAdapter
+from fewstep.core.conditioning import Cond
 
 
-class UNet2DAdapter(BackboneAdapter):
+class UNet2DAdapter(DiffusersAdapter):
     """``UNet2DModel(x_t, timestep, class_labels=...)``; the bottleneck (``mid_block``) is tapped."""
 
     feature_modules = ("mid_block",)

@@ -1,11 +1,11 @@
 """Adapter for diffusers ``UNet2DConditionModel`` (SD1.5/2.1 and SDXL call signatures)."""
 from __future__ import annotations
 
-from ..conditioning import Cond
-from .base import BackboneAdapter
+from fewstep.backbones.base import DiffusersAdapter
+from fewstep.core.conditioning import Cond
 
 
-class UNet2DConditionAdapter(BackboneAdapter):
+class UNet2DConditionAdapter(DiffusersAdapter):
     """``UNet2DConditionModel(x_t, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond)``.
 
     SDXL's ``added_cond_kwargs`` are ``{"text_embeds": pooled, "time_ids": ...}``: ``Cond.pooled`` fills

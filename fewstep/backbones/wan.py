@@ -8,8 +8,8 @@ Not covered: Wan 2.2's second (low-noise) expert and per-token timesteps (``expa
 """
 from __future__ import annotations
 
-from ..conditioning import Cond
-from .base import TokenAdapter
+from fewstep.backbones.base import TokenAdapter
+from fewstep.core.conditioning import Cond
 
 
 class WanAdapter(TokenAdapter):

@@ -1,16 +1,46 @@
-"""Turns and the Method interface (DESIGN.md section 3).
+"""Turns, the Method interface and the method registry.
 
 A method owns its networks and defines one loss per turn. It never builds optimizers, never touches
-accelerate and never branches on backbone family.
+accelerate and never branches on backbone family. Each method class names itself (``name = "dmd2"``), which
+registers it, and builds itself from its config and the ``Parts`` the wiring layer hands it
+(``Method.build``): one way to build every method, with no method importing the wiring layer.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from ..conditioning import Batch
+from fewstep.core.conditioning import Batch
+from fewstep.core.denoiser import Denoiser
+from fewstep.core.generator import FewStepGenerator
+from fewstep.errors import ConfigError
+
+#: method name -> class; filled by ``Method.__init_subclass__`` when a method module is imported
+REGISTRY: dict[str, type["Method"]] = {}
+
+
+class Parts(Protocol):
+    """What a method's ``build`` is handed: networks initialised from the loaded teacher in the run's mode
+    (``full``: trainable copies; ``lora``: adapters on the one frozen base). ``fewstep.run.build`` implements it."""
+
+    teacher: Denoiser               # the frozen teacher (in lora mode the base with adapters disabled)
+    timesteps: tuple[int, ...]      # the student's t-list in the teacher's units (model.student_timesteps)
+    mode: str                       # "full" | "lora"
+    total_steps: int                # train.max_steps: methods with stages split it
+
+    def student(self, init_scale: float = 1.0) -> FewStepGenerator:
+        """A new student on the t-list; ``init_scale`` multiplies its unit input noise."""
+
+    def critic(self) -> Denoiser:
+        """A new fake-score network."""
+
+    def head(self, critic: Denoiser) -> nn.Module | None:
+        """A discriminator head on ``critic``'s tapped features, or None when ``model.gan_head`` is off."""
 
 
 @dataclass(frozen=True)
@@ -26,6 +56,25 @@ class Method(nn.Module):
     """Base class: ``turns``, ``trainable()``, ``forward(turn, batch, step) -> (loss, logs)``."""
 
     turns: tuple[Turn, ...] = ()
+    #: the registry key and the name of the entry script ``train/<name>.py`` and its presets
+    name: ClassVar[str] = ""
+    #: the method's config dataclass (the ``method`` section of a run config)
+    Config: ClassVar[type] = object
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__ and cls.name:
+            REGISTRY[cls.name] = cls
+
+    @classmethod
+    def build(cls, cfg, parts: Parts) -> "Method":
+        """The method for config ``cfg`` (its ``Config``) on networks made by ``parts``."""
+        raise NotImplementedError
+
+    @classmethod
+    def validate(cls, cfg, model, data) -> None:
+        """Checks of ``cfg`` against the run's model and data sections (config objects, not built networks)
+        that must fail before the teacher loads: raise ``ConfigError`` naming the field and the fix."""
 
     @property
     def _no_split_modules(self) -> list[str]:
@@ -60,3 +109,33 @@ class Method(nn.Module):
         (backward-simulation step, few-step mixture index)."""
         g = torch.Generator().manual_seed(1_000_003 * step + salt)
         return int(torch.randint(high, (1,), generator=g))
+
+
+def method_class(name: str) -> type[Method]:
+    """The registered method ``name``; its module ``fewstep.methods.<name>`` is imported on first use."""
+    if name not in REGISTRY:
+        try:
+            importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.{name}":
+                raise
+    if name not in REGISTRY:
+        raise ConfigError(f"method {name!r} is not known; available: {', '.join(available())}")
+    return REGISTRY[name]
+
+
+def available() -> list[str]:
+    """Names of every method module in this package (each registers one method of that name)."""
+    here = Path(__file__).parent
+    return sorted(p.stem for p in here.glob("*.py") if p.stem not in ("__init__", "base"))
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise ``ConfigError(message)`` unless ``ok``: the one-line form of every ``validate`` check."""
+    if not ok:
+        raise ConfigError(message)
+
+
+def has_real_images(data) -> bool:
+    """Whether the data section gives real samples (``Batch.x0_real``): the bundled digits, or an image folder."""
+    return data.source == "digits" or bool(data.images)

@@ -43,19 +43,16 @@ import copy
 import math
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import losses
-from ..conditioning import Batch, Cond
-from ..config import ConfigError
-from ..denoiser import Denoiser
-from ..generator import FewStepGenerator
-from ..schedules import NoiseSchedule, bcast
-from .base import Method, Turn
-
-SIGMA_DATA = 0.5
+from fewstep.core import losses
+from fewstep.core.conditioning import Batch, Cond
+from fewstep.core.denoiser import Denoiser
+from fewstep.core.generator import FewStepGenerator, ddim_step
+from fewstep.core.schedules import NoiseSchedule, bcast
+from fewstep.errors import ConfigError
+from fewstep.methods.base import Method, Parts, Turn, has_real_images, require
 
 
 @dataclass
@@ -74,12 +71,6 @@ class ConsistencyConfig:
     segment_schedule: tuple[int, ...] = ()
 
 
-def ddim_step(schedule: NoiseSchedule, x_t, t, s, x0):
-    """DDIM (eta = 0) from ``(x_t, t)`` to time s with the x0 estimate ``x0``: ``alpha_s x0 + sigma_s eps``."""
-    eps = (x_t - bcast(schedule.alpha(t), x_t) * x0) / bcast(schedule.sigma(t), x_t).clamp_min(1e-12)
-    return bcast(schedule.alpha(s), x0) * x0 + bcast(schedule.sigma(s), x0) * eps
-
-
 def guidance_embedding(omega, dim: int):
     """Sinusoidal embedding of ``1000 omega`` (LCM's w-condition; diffusers feeds ``guidance_scale - 1``)."""
     half = dim // 2
@@ -94,7 +85,7 @@ def with_w_condition(denoiser: Denoiser, dim: int) -> None:
     zero so the student starts as the teacher (LCM's script keeps the default init)."""
     model = denoiser.backbone.model
     if "time_cond_proj_dim" not in model.config or isinstance(denoiser.adapter, str):
-        raise ConfigError("--method.w_embedding needs a full-mode backbone with a timestep_cond input "
+        raise ConfigError("method.w_embedding needs a full-mode backbone with a timestep_cond input "
                           "(time_cond_proj_dim, e.g. UNet2DConditionModel); leave it off for this teacher")
     config = {k: v for k, v in model.config.items() if k != "_use_default_values"}   # it would reset the dim
     new = type(model).from_config({**config, "time_cond_proj_dim": dim})
@@ -112,63 +103,44 @@ def segment_edges(schedule: NoiseSchedule, M: int):
     return schedule.quantize(torch.tensor([top - m * schedule.N / M for m in range(M)]) / top)
 
 
-class ConsistencyGenerator(FewStepGenerator):
-    """A student whose x0 is the boundary-scaled ``f(x, t)``; ``renoise`` is "fresh" (LCM) or "ddim" (PCM)."""
-
-    def __init__(self, denoiser: Denoiser, t_list, timestep_scaling: float, renoise: str = "fresh",
-                 init_scale: float = 1.0):
-        super().__init__(denoiser, t_list, init_scale)
-        self.timestep_scaling, self.renoise_mode = timestep_scaling, renoise
-
-    def f(self, denoiser: Denoiser, x, t, cond: Cond):
-        tau = self.denoiser.schedule.timestep(t).to(x.device) * self.timestep_scaling
-        c_skip = SIGMA_DATA ** 2 / (tau ** 2 + SIGMA_DATA ** 2)
-        c_out = tau / (tau ** 2 + SIGMA_DATA ** 2).sqrt()
-        return bcast(c_skip, x) * x + bcast(c_out, x) * denoiser(x, t, cond)
-
-    def jump(self, denoiser: Denoiser, x, t, s, cond: Cond):
-        """``F_s(x, t)``: the consistency map onto the segment edge s (s = 0: ``f`` itself)."""
-        x0 = self.f(denoiser, x, t, cond)
-        return torch.where(bcast(s, x) > 0, ddim_step(self.denoiser.schedule, x, t, s, x0), x0)
-
-    def step(self, x, i, cond):
-        return self.f(self.denoiser, x, self.t_list[i].to(x.device).expand(len(x)), cond)
-
-    def indices(self, n: int) -> list[int]:
-        if self.renoise_mode == "ddim":
-            return super().indices(n)
-        super().indices(n)   # validates n
-        return [int(i) for i in np.floor(np.linspace(0, self.K, n, endpoint=False))]   # LCMScheduler's rule
-
-    @torch.no_grad()
-    def sample(self, noise, cond, generator=None, steps=None):
-        if self.renoise_mode == "fresh":
-            return super().sample(noise, cond, generator, steps)
-        idx = self.indices(steps or self.K)
-        x = noise * self.init_scale
-        for j, i in enumerate(idx):
-            t = self.t_list[i].expand(len(x))
-            s = self.t_list[idx[j + 1]].expand(len(x)) if j + 1 < len(idx) else torch.zeros_like(t)
-            x = self.jump(self.denoiser, x, t, s, cond)
-        return x
-
-
 class Consistency(Method):
     """Consistency distillation with one ``Turn("student")``; the target network moves in ``after_step``."""
 
+    name = "consistency"
     Config = ConsistencyConfig
     turns = (Turn("student"),)
+
+    @classmethod
+    def build(cls, cfg: ConsistencyConfig, parts: Parts) -> "Consistency":
+        student = parts.student()
+        if cfg.w_embedding:
+            with_w_condition(student.denoiser, cfg.w_embedding_dim)
+        return cls(cfg, parts.teacher, student, parts.total_steps)
+
+    @classmethod
+    def validate(cls, cfg: ConsistencyConfig, model, data) -> None:
+        stages = tuple(cfg.segment_schedule) or (cfg.segments,)
+        require(min(stages) >= 1, f"method.segments / method.segment_schedule {list(stages)}: need >= 1 segment")
+        require(0 <= cfg.w_min <= cfg.w_max, f"method.w_min {cfg.w_min} / method.w_max {cfg.w_max}: need "
+                "0 <= w_min <= w_max")
+        require(cfg.num_ddim_steps >= 1, f"method.num_ddim_steps {cfg.num_ddim_steps} must be at least 1")
+        require(0 <= cfg.target_decay < 1, f"method.target_decay {cfg.target_decay} must be in [0, 1)")
+        require(cfg.huber_c >= 0, f"method.huber_c {cfg.huber_c} must be >= 0 (0 = l2)")
+        require(cfg.timestep_scaling > 0, f"method.timestep_scaling {cfg.timestep_scaling} must be > 0")
+        require(not cfg.w_embedding or model.mode == "full", "method.w_embedding needs model.mode full (the "
+                "w-condition projection is a new layer of the student copy)")
+        require(has_real_images(data), f"consistency distillation noises real images and data.source "
+                f"{data.source!r} has none; set data.images to a folder of real images (captions in <name>.txt)")
 
     def __init__(self, cfg: ConsistencyConfig, teacher: Denoiser, student: FewStepGenerator, total_steps: int):
         super().__init__()
         self.cfg, self.teacher, self.total_steps = cfg, teacher.requires_grad_(False), max(int(total_steps), 1)
         self.stages = tuple(cfg.segment_schedule) or (cfg.segments,)
-        if min(self.stages) < 1 or not cfg.w_min <= cfg.w_max or cfg.num_ddim_steps < 1:
-            raise ConfigError(f"need segments >= 1, w_min <= w_max, num_ddim_steps >= 1 (got {self.stages}, "
-                              f"[{cfg.w_min}, {cfg.w_max}], {cfg.num_ddim_steps})")
         renoise = "ddim" if self.stages[-1] > 1 else "fresh"
-        self.student = ConsistencyGenerator(student.denoiser, student.t_list, cfg.timestep_scaling, renoise,
-                                            student.init_scale)
+        # LCM's sampler (fresh noise, LCMScheduler's floor rule for fewer steps) or PCM's deterministic jumps
+        self.student = FewStepGenerator(student.denoiser, student.t_list, student.init_scale, renoise=renoise,
+                                        timestep_scaling=cfg.timestep_scaling,
+                                        subset="floor" if renoise == "fresh" else "round")
         self._check_t_list(teacher.schedule)
         # lora: the adapter shares the teacher's base, so the target is the student itself (no copy)
         shared = isinstance(student.denoiser.adapter, str) or cfg.target_decay == 0
@@ -178,10 +150,10 @@ class Consistency(Method):
         ts = [int(round(float(v))) for v in sch.timestep(self.student.t_list)]
         K, M = len(ts), self.stages[-1]
         if M > 1 and ts != [int(round(float(v))) for v in sch.timestep(segment_edges(sch, M))]:
-            raise ConfigError(f"--model.student_timesteps {ts}: a student with {M} final segments samples on its "
+            raise ConfigError(f"model.student_timesteps {ts}: a student with {M} final segments samples on its "
                               f"segment edges; use {[int(v) for v in sch.timestep(segment_edges(sch, M))]}")
         if M == 1 and sch.kind == "vp" and ts != [sch.N // K * j - 1 for j in range(K, 0, -1)]:
-            raise ConfigError(f"--model.student_timesteps {ts}: LCMScheduler(original_inference_steps={K}) samples "
+            raise ConfigError(f"model.student_timesteps {ts}: LCMScheduler(original_inference_steps={K}) samples "
                               f"{[sch.N // K * j - 1 for j in range(K, 0, -1)]}; use that list")
 
     def trainable(self):
@@ -208,8 +180,6 @@ class Consistency(Method):
     def forward(self, turn: str, batch: Batch, step: int):
         if turn != "student":
             raise ValueError(f"consistency distillation has one turn, 'student', not {turn!r}")
-        if batch.x0_real is None:
-            raise ValueError("consistency distillation noises real samples: the data source must provide x0_real")
         c, sch = self.cfg, self.teacher.schedule
         x0 = batch.x0_real.float()
         cond = batch.cond_real if batch.cond_real is not None else batch.cond
@@ -233,17 +203,3 @@ class Consistency(Method):
         if self.target is not None:
             for p_tgt, p in zip(self.target.parameters(), self.student.denoiser.parameters()):
                 p_tgt.lerp_(p.detach().to(p_tgt.dtype), 1 - self.cfg.target_decay)
-
-    def export_scheduler(self, teacher_scheduler_config, timesteps):
-        """Stock LCMScheduler for a VP student sampled the LCM way, else FewStepScheduler with the same scalings."""
-        from fewstep_pipelines import FewStepScheduler, fewstep_scheduler_for
-
-        config = dict(getattr(teacher_scheduler_config, "config", teacher_scheduler_config))
-        if self.student.renoise_mode == "fresh" and self.teacher.schedule.kind == "vp":
-            from diffusers import LCMScheduler
-
-            return LCMScheduler.from_config(config, original_inference_steps=len(timesteps), clip_sample=False,
-                                            timestep_spacing="trailing", timestep_scaling=self.cfg.timestep_scaling)
-        base = fewstep_scheduler_for(config, list(timesteps))
-        return FewStepScheduler.from_config(base.config, timestep_scaling=self.cfg.timestep_scaling,
-                                            renoise=self.student.renoise_mode)

@@ -16,8 +16,8 @@ Implements
 Config fields -> paper symbols: ``guidance_scale`` = real-score CFG scale; ``student_every`` = the TTUR
 ratio (5 for ImageNet/SDXL, 10 for SD1.5); ``t_min``/``t_max`` = the DM-loss time range (0.02T, 0.98T);
 ``gan_weight_student`` / ``gan_weight_critic`` = lambda_GAN of the generator / discriminator
-(``gen_cls_loss_weight`` / ``guidance_cls_loss_weight``); ``regression_weight`` = DMD's regression loss
-weight (0 disables it; needs ``Batch.x0_real`` paired with ``Batch.noise``).
+(``gen_cls_loss_weight`` / ``guidance_cls_loss_weight``). DMD's regression loss is not offered: it needs
+teacher samples paired with their noise, which no fewstep data source provides.
 """
 from __future__ import annotations
 
@@ -26,13 +26,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import losses, timesteps
-from ..conditioning import Batch
-from ..denoiser import Denoiser
-from ..generator import FewStepGenerator
-from ..guidance import cfg
-from ..parameterization import from_x0
-from .base import Method, Turn
+from fewstep.core import losses, timesteps
+from fewstep.core.conditioning import Batch
+from fewstep.core.denoiser import Denoiser
+from fewstep.core.generator import FewStepGenerator
+from fewstep.core.guidance import cfg
+from fewstep.core.parameterization import from_x0
+from fewstep.methods.base import Method, Parts, Turn, has_real_images, require
 
 
 @dataclass
@@ -47,13 +47,13 @@ class DMD2Config:
     critic_t_max: float = 1.0
     gan_weight_student: float = 0.0
     gan_weight_critic: float = 1e-2
-    regression_weight: float = 0.0
     backward_simulation: bool = True
 
 
 class DMD2(Method):
     """Student and critic turns of DMD2 over any ``Denoiser``."""
 
+    name = "dmd2"
     Config = DMD2Config
 
     def __init__(self, cfg: DMD2Config, teacher: Denoiser, student: FewStepGenerator, critic: Denoiser,
@@ -63,8 +63,31 @@ class DMD2(Method):
         self.teacher = teacher.requires_grad_(False)
         self.student, self.critic, self.head = student, critic, head
         self.turns = (Turn("critic"), Turn("student", every=cfg.student_every))
-        if (cfg.gan_weight_student > 0) and head is None:
-            raise ValueError("gan_weight_student > 0 needs a discriminator head; build one with build.make_head")
+        require(cfg.gan_weight_student == 0 or head is not None,
+                "method.gan_weight_student > 0 needs a discriminator head: set model.gan_head true")
+
+    @classmethod
+    def build(cls, cfg: DMD2Config, parts: Parts) -> "DMD2":
+        critic = parts.critic()
+        return cls(cfg, parts.teacher, parts.student(), critic, parts.head(critic))
+
+    @classmethod
+    def validate(cls, cfg: DMD2Config, model, data) -> None:
+        require(cfg.student_every >= 1, f"method.student_every {cfg.student_every} must be at least 1 (the critic "
+                "updates every step, the student every student_every-th)")
+        require(cfg.guidance_scale >= 0, f"method.guidance_scale {cfg.guidance_scale} must be >= 0 "
+                "(uncond + w (cond - uncond); 1 = no guidance)")
+        for lo, hi in (("t_min", "t_max"), ("critic_t_min", "critic_t_max")):
+            a, b = getattr(cfg, lo), getattr(cfg, hi)
+            require(0 <= a <= b <= 1, f"method.{lo} {a} / method.{hi} {b}: need 0 <= {lo} <= {hi} <= 1")
+        require(cfg.gan_weight_student >= 0 and cfg.gan_weight_critic >= 0,
+                "method.gan_weight_student and method.gan_weight_critic must be >= 0")
+        require(cfg.gan_weight_student == 0 or model.gan_head,
+                f"method.gan_weight_student {cfg.gan_weight_student} needs a discriminator head: set "
+                "model.gan_head true, or method.gan_weight_student 0")
+        require(not model.gan_head or has_real_images(data),
+                f"model.gan_head true: the discriminator compares with real images and data.source "
+                f"{data.source!r} has none; set data.images to a folder of real images, or model.gan_head false")
 
     def trainable(self):
         critic = self.critic.trainable_parameters() + (list(self.head.parameters()) if self.head is not None else [])
@@ -92,28 +115,22 @@ class DMD2(Method):
             return self.critic_loss(batch, step)
         raise ValueError(f"DMD2 has turns 'student' and 'critic', not {turn!r}")
 
-    def noised(self, x0, batch: Batch, salt: int, lo: float, hi: float):
-        """``x_t = alpha x0 + sigma eps`` at ``t ~ U[lo, hi]``, both drawn from the batch's per-sample seeds."""
-        s = self.teacher.schedule
-        t = timesteps.sample("uniform", batch.rand(salt, x0.device), s, lo, hi)
-        return s.add_noise(x0, batch.randn_like(x0, salt + 1), t), t
-
     def generate(self, batch: Batch, step: int):
         """Student output at the backward-simulation step of this training step."""
         return self.student(batch.noise, batch.cond, self.sim_step(step),
                             eps_fn=lambda i: batch.randn_like(batch.noise, 100 + i))
 
-    def logits(self, x_t, t, cond, out: str = "sample"):
+    def logits(self, x_t, t, cond, out: str = "sample", dtype=torch.float32):
         """Critic output and the head's logits on its tapped bottleneck (one pass)."""
         with self.critic.backbone.tap() as feats:
-            pred = self.critic(x_t, t, cond, out)
+            pred = self.critic(x_t, t, cond, out, dtype)
         return pred, self.head(feats[-1])
 
     def student_loss(self, batch: Batch, step: int):
-        """DM loss (eq. 7-8) + lambda_GAN * softplus(-D(x_t)) + optional regression to paired teacher samples."""
+        """DM loss (eq. 7-8) + lambda_GAN * softplus(-D(x_t))."""
         c = self.cfg
         x, _, k = self.generate(batch, step)
-        x_t, t = self.noised(x, batch, 1, c.t_min, c.t_max)
+        x_t, t = timesteps.noised(self.teacher.schedule, x, batch, 1, c.t_min, c.t_max)
         loss, logs = self.distribution_matching(x, x_t, t, batch)
         return loss, {"student/sim_step": torch.tensor(float(k)), **logs}
 
@@ -122,33 +139,31 @@ class DMD2(Method):
 
     def distribution_matching(self, x, x_t, t, batch: Batch):
         """The student objective at the noised sample ``x_t`` of its output ``x``: the DM term (``dm_loss``),
-        DMD2's GAN term and the optional regression. Shared by f-distill and Phased DMD, which change
+        and DMD2's GAN term. Shared by f-distill and Phased DMD, which change
         ``dm_loss`` and how ``x_t`` is drawn."""
         c = self.cfg
         # x_t keeps its graph to x: only the GAN term differentiates through it (the critic is frozen
         # this turn); the DM term's gradient is the closed form in losses.dmd.
+        # both x0 estimates in float64 (as the official DMD2): their difference is the gradient
+        f64 = torch.float64
         with torch.no_grad():
-            x0_real = cfg(self.teacher, x_t.detach(), t, batch.cond, batch.uncond, c.guidance_scale)
+            x0_real = cfg(self.teacher, x_t.detach(), t, batch.cond, batch.uncond, c.guidance_scale, dtype=f64)
         logit = None
         if self.use_gan:
-            x0_fake, logit = self.logits(x_t, t, batch.cond)
+            x0_fake, logit = self.logits(x_t, t, batch.cond, dtype=f64)
             x0_fake = x0_fake.detach()
         elif self.needs_logit:
             with torch.no_grad():
-                x0_fake, logit = self.logits(x_t.detach(), t, batch.cond)
+                x0_fake, logit = self.logits(x_t.detach(), t, batch.cond, dtype=f64)
         else:
             with torch.no_grad():
-                x0_fake = self.critic(x_t.detach(), t, batch.cond)
+                x0_fake = self.critic(x_t.detach(), t, batch.cond, dtype=f64)
         loss, logs = self.dm_loss(x, x0_real, x0_fake, logit, t)
         logs = {"loss/student/dmd": loss.detach(), **logs}
         if self.use_gan:
             g = losses.gan_g(logit)
             loss = loss + c.gan_weight_student * g
             logs["loss/student/gan"] = g.detach()
-        if c.regression_weight > 0 and batch.x0_real is not None:
-            r = torch.nn.functional.mse_loss(x.float(), batch.x0_real.float())
-            loss = loss + c.regression_weight * r
-            logs["loss/student/regression"] = r.detach()
         return loss, logs
 
     def dm_loss(self, x, x0_real, x0_fake, logit, t):
@@ -160,20 +175,25 @@ class DMD2(Method):
         c = self.cfg
         with torch.no_grad():
             x = self.generate(batch, step)[0]
-        x_t, t = self.noised(x, batch, 3, c.critic_t_min, c.critic_t_max)
+        x_t, t = timesteps.noised(self.teacher.schedule, x, batch, 3, c.critic_t_min, c.critic_t_max)
+        target = from_x0(x, x_t, t, self.critic.prediction_type, self.critic.schedule)
+        return self.critic_objective(x_t, t, target, batch, lambda: timesteps.noised(
+            self.teacher.schedule, batch.x0_real, batch, 5, c.critic_t_min, c.critic_t_max))
+
+    def critic_objective(self, x_t, t, target, batch: Batch, noised_real):
+        """The critic's denoising loss at ``(x_t, t)`` towards ``target`` (its output space) and, with a head, the
+        discriminator loss against real data noised by ``noised_real() -> (xr_t, tr)``. Phased DMD changes only
+        the target and the noise levels."""
         kind = self.critic.prediction_type
-        target = from_x0(x, x_t, t, kind, self.critic.schedule)
         if self.head is None:
             loss = losses.dsm(self.critic(x_t, t, batch.cond, kind), target)
             return loss, {"loss/critic/dsm": loss.detach()}
         pred, logit_fake = self.logits(x_t, t, batch.cond, kind)
         dsm = losses.dsm(pred, target)
-        if batch.x0_real is None:
-            raise ValueError("the GAN term needs real samples: the data config must provide x0_real")
-        xr_t, tr = self.noised(batch.x0_real, batch, 5, c.critic_t_min, c.critic_t_max)
+        xr_t, tr = noised_real()
         _, logit_real = self.logits(xr_t, tr, batch.cond_real or batch.cond)
         d = losses.gan_d(logit_real, logit_fake)
         logs = {"loss/critic/dsm": dsm.detach(), "loss/critic/gan": d.detach(),
                 "gan/p_real": torch.sigmoid(logit_real).mean().detach(),
                 "gan/p_fake": torch.sigmoid(logit_fake).mean().detach()}
-        return dsm + c.gan_weight_critic * d, logs
+        return dsm + self.cfg.gan_weight_critic * d, logs

@@ -27,9 +27,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import losses
-from ..config import ConfigError
-from .dmd2 import DMD2, DMD2Config
+from fewstep.core import losses
+from fewstep.methods.base import has_real_images, require
+from fewstep.methods.dmd2 import DMD2, DMD2Config
 
 
 @dataclass
@@ -83,19 +83,37 @@ class RatioBins(nn.Module):
 class FDistill(DMD2):
     """DMD2 with the per-sample f-divergence weight ``h(r)`` on the distribution-matching gradient."""
 
+    name = "fdistill"
     Config = FDistillConfig
 
     def __init__(self, cfg: FDistillConfig, teacher, student, critic, head: nn.Module | None = None):
         divergence = losses.F_ALIASES.get(cfg.divergence, cfg.divergence)
-        if divergence not in losses.F_DIVERGENCES:
-            raise ConfigError(f"--method.divergence {cfg.divergence!r} is not known; use one of "
-                              f"{', '.join(losses.F_DIVERGENCES)} (aliases {', '.join(losses.F_ALIASES)})")
-        if (divergence != "reverse_kl" or cfg.gan_weight_student > 0) and head is None:
-            raise ConfigError(f"f-distill with {cfg.divergence!r} needs the discriminator head for the density "
-                              "ratio (and the GAN term): set --model.gan_head true")
+        require(divergence in losses.F_DIVERGENCES, f"method.divergence {cfg.divergence!r} is not known; use one of "
+                f"{', '.join(losses.F_DIVERGENCES)} (aliases {', '.join(losses.F_ALIASES)})")
+        require((divergence == "reverse_kl" and cfg.gan_weight_student == 0) or head is not None,
+                f"f-distill with {cfg.divergence!r} needs the discriminator head for the density ratio (and the "
+                "GAN term): set model.gan_head true")
         super().__init__(cfg, teacher, student, critic, head)
         self.divergence = divergence
         self.ratio = RatioBins(cfg.bins, cfg.t_min, cfg.t_max, cfg.ratio_ema)
+
+    @classmethod
+    def validate(cls, cfg: FDistillConfig, model, data) -> None:
+        super().validate(cfg, model, data)
+        divergence = losses.F_ALIASES.get(cfg.divergence, cfg.divergence)
+        require(divergence in losses.F_DIVERGENCES, f"method.divergence {cfg.divergence!r} is not known; use one of "
+                f"{', '.join(losses.F_DIVERGENCES)} (aliases {', '.join(losses.F_ALIASES)})")
+        require(divergence == "reverse_kl" or model.gan_head,
+                f"method.divergence {cfg.divergence!r} reads the density ratio off a discriminator head: set "
+                "model.gan_head true (or method.divergence reverse_kl, which is DMD2)")
+        require(divergence == "reverse_kl" or has_real_images(data),
+                f"method.divergence {cfg.divergence!r}: the density-ratio discriminator needs real images and "
+                f"data.source {data.source!r} has none; set data.images to a folder of real images")
+        require(0 < cfg.ratio_min <= cfg.ratio_max, f"method.ratio_min {cfg.ratio_min} / method.ratio_max "
+                f"{cfg.ratio_max}: need 0 < ratio_min <= ratio_max")
+        require(cfg.bins >= 1, f"method.bins {cfg.bins} must be at least 1")
+        require(0 <= cfg.ratio_ema < 1, f"method.ratio_ema {cfg.ratio_ema} must be in [0, 1)")
+        require(cfg.logit_clip > 0, f"method.logit_clip {cfg.logit_clip} must be > 0")
 
     def checkpoint_modules(self):
         return {**super().checkpoint_modules(), "ratio": self.ratio}
@@ -119,5 +137,5 @@ class FDistill(DMD2):
     def dm_loss(self, x, x0_real, x0_fake, logit, t):
         """DMD2's DM loss with each sample's gradient weighted by ``h(r)`` (the f-distill gradient above)."""
         h, hlogs = self.weights(logit, t)
-        loss, logs = losses.dmd_weighted(x, x0_real, x0_fake, h)
+        loss, logs = losses.dmd(x, x0_real, x0_fake, h)
         return loss, {**logs, **hlogs}

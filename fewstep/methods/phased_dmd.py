@@ -37,16 +37,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import losses, timesteps
-from ..conditioning import Batch
-from ..config import ConfigError
-from ..denoiser import Denoiser
-from ..generator import FewStepGenerator
-from ..parameterization import from_x0
-from ..schedules import bcast
-from .dmd2 import DMD2, DMD2Config
+from fewstep.core import timesteps
+from fewstep.core.conditioning import Batch
+from fewstep.core.denoiser import Denoiser
+from fewstep.core.generator import FewStepGenerator
+from fewstep.core.parameterization import from_x0
+from fewstep.core.schedules import bcast
+from fewstep.errors import ConfigError
+from fewstep.methods.base import Parts, require
+from fewstep.methods.dmd2 import DMD2, DMD2Config
 
 MAX_EXPERTS = 4   # FewStepClassPipeline's unet, unet_1, unet_2, unet_3
+PHASE_ORDERS = ("progressive", "alternate")
 
 
 @dataclass
@@ -62,61 +64,51 @@ def phase_split(K: int, phases: int) -> list[int]:
     """Phase index of each of the K student steps: P contiguous, (nearly) equal groups."""
     P = phases or K
     if not 1 <= P <= min(K, MAX_EXPERTS):
-        raise ConfigError(f"--method.phases {phases}: need 1..{min(K, MAX_EXPERTS)} phases for a {K}-step student "
+        raise ConfigError(f"method.phases {phases}: need 1..{min(K, MAX_EXPERTS)} phases for a {K}-step student "
                           f"(at most one per step and {MAX_EXPERTS} experts per exported pipeline); 0 = one per step")
     return [i * P // K for i in range(K)]
 
 
-class PhasedGenerator(FewStepGenerator):
-    """A few-step generator whose step i runs the expert of its phase (``experts[phase_of_step[i]]``)."""
-
-    def __init__(self, experts: list[Denoiser], t_list, phase_of_step: list[int], init_scale: float = 1.0):
-        super().__init__(experts[0], t_list, init_scale)
-        self.experts = nn.ModuleList(experts)
-        self.phase_of_step = list(phase_of_step)
-
-    @classmethod
-    def from_students(cls, students: list[FewStepGenerator], phases: int = 0) -> "PhasedGenerator":
-        """Experts taken from independently built students (each a full copy of the teacher)."""
-        first = students[0]
-        split = phase_split(first.K, phases)
-        if len(students) != split[-1] + 1:
-            raise ValueError(f"{len(students)} students given for {split[-1] + 1} phases")
-        return cls([s.denoiser for s in students], first.t_list, split, first.init_scale)
-
-    @property
-    def P(self) -> int:
-        return len(self.experts)
-
-    def steps_of(self, p: int) -> list[int]:
-        return [i for i, q in enumerate(self.phase_of_step) if q == p]
-
-    def interval(self, p: int) -> tuple[float, float]:
-        """``(s, e)``: the phase's lower edge (the next phase's first time, 0 for the last) and upper edge."""
-        e = float(self.t_list[self.steps_of(p)[0]])
-        return (float(self.t_list[self.steps_of(p + 1)[0]]) if p + 1 < self.P else 0.0), e
-
-    def step(self, x, i, cond):
-        t = self.t_list[i].to(x.device).expand(len(x))
-        return self.experts[self.phase_of_step[i]](x, t, cond)
-
-    def expert_boundaries(self) -> list[int]:
-        """Timesteps at which the exported pipeline switches to the next expert (the phases' first times)."""
-        s = self.denoiser.schedule
-        return [int(s.timestep(self.interval(p)[1])) for p in range(1, self.P)]
+def phased_generator(students: list[FewStepGenerator], phases: int = 0) -> FewStepGenerator:
+    """One student whose step i runs the expert of its phase, from independently built students (each a
+    full copy of the teacher): their denoisers become the experts."""
+    first = students[0]
+    split = phase_split(first.K, phases)
+    if len(students) != split[-1] + 1:
+        raise ValueError(f"{len(students)} students given for {split[-1] + 1} phases")
+    return FewStepGenerator([s.denoiser for s in students], first.t_list, first.init_scale, phase_of_step=split)
 
 
 class PhasedDMD(DMD2):
     """DMD2's two turns, restricted to one phase (expert and subinterval) at a time."""
 
+    name = "phased_dmd"
     Config = PhasedDMDConfig
 
-    def __init__(self, cfg: PhasedDMDConfig, teacher: Denoiser, student: PhasedGenerator, critic: Denoiser,
+    def __init__(self, cfg: PhasedDMDConfig, teacher: Denoiser, student: FewStepGenerator, critic: Denoiser,
                  total_steps: int, head: nn.Module | None = None):
         super().__init__(cfg, teacher, student, critic, head)
-        if cfg.phase_order not in ("progressive", "alternate"):
-            raise ConfigError(f"--method.phase_order {cfg.phase_order!r} is not valid; use progressive or alternate")
+        require(cfg.phase_order in PHASE_ORDERS,
+                f"method.phase_order {cfg.phase_order!r} is not valid; use {' or '.join(PHASE_ORDERS)}")
         self.total_steps = max(int(total_steps), 1)
+
+    @classmethod
+    def build(cls, cfg: PhasedDMDConfig, parts: Parts) -> "PhasedDMD":
+        """One full student copy per phase (an expert), one critic shared by every phase."""
+        P = phase_split(len(parts.timesteps), cfg.phases)[-1] + 1
+        student = phased_generator([parts.student() for _ in range(P)], cfg.phases)
+        critic = parts.critic()
+        return cls(cfg, parts.teacher, student, critic, parts.total_steps, parts.head(critic))
+
+    @classmethod
+    def validate(cls, cfg: PhasedDMDConfig, model, data) -> None:
+        super().validate(cfg, model, data)
+        require(model.mode == "full", "model.mode lora: phased DMD trains one full copy per phase; per-phase LoRA "
+                "experts are not implemented: set model.mode full")
+        require(cfg.phase_order in PHASE_ORDERS,
+                f"method.phase_order {cfg.phase_order!r} is not valid; use {' or '.join(PHASE_ORDERS)}")
+        require(0 <= cfg.margin < 1, f"method.margin {cfg.margin} must be in [0, 1)")
+        phase_split(len(model.student_timesteps), cfg.phases)
 
     def trainable(self):
         params = super().trainable()
@@ -140,7 +132,7 @@ class PhasedDMD(DMD2):
         s, e = self.student.interval(self.phase(step))
         x0, _, _ = self.student(batch.noise, batch.cond, self.sim_step(step),
                                 eps_fn=lambda i: batch.randn_like(batch.noise, 100 + i))
-        x_s = self.student.renoise(x0, torch.full((len(x0),), s), batch.randn_like(x0, 200)) if s > 0 else x0
+        x_s = self.student.add_noise(x0, torch.full((len(x0),), s), batch.randn_like(x0, 200)) if s > 0 else x0
         return x0, x_s, s, e
 
     def subinterval(self, x_s, s: float, e: float, batch: Batch, salt: int, lo: float, hi: float):
@@ -174,17 +166,6 @@ class PhasedDMD(DMD2):
         sch, kind = self.critic.schedule, self.critic.prediction_type
         x0_target = (x_t - bcast(sch.sigma(t), x_t) * eps_target) / bcast(sch.alpha(t), x_t)
         target = from_x0(x0_target, x_t, t, kind, sch)
-        if self.head is None:
-            loss = losses.dsm(self.critic(x_t, t, batch.cond, kind), target)
-            return loss, {"loss/critic/dsm": loss.detach()}
-        pred, logit_fake = self.logits(x_t, t, batch.cond, kind)
-        if batch.x0_real is None:
-            raise ValueError("the GAN term needs real samples: the data config must provide x0_real")
         # real data noised to the same times: the teacher's marginal there is what x_t should match
-        xr_t = sch.add_noise(batch.x0_real, batch.randn_like(batch.x0_real, 5), t)
-        _, logit_real = self.logits(xr_t, t, batch.cond_real or batch.cond)
-        dsm, d = losses.dsm(pred, target), losses.gan_d(logit_real, logit_fake)
-        logs = {"loss/critic/dsm": dsm.detach(), "loss/critic/gan": d.detach(),
-                "gan/p_real": torch.sigmoid(logit_real).mean().detach(),
-                "gan/p_fake": torch.sigmoid(logit_fake).mean().detach()}
-        return dsm + c.gan_weight_critic * d, logs
+        return self.critic_objective(x_t, t, target, batch, lambda: (
+            sch.add_noise(batch.x0_real, batch.randn_like(batch.x0_real, 5), t), t))

@@ -38,14 +38,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import losses, timesteps
-from ..conditioning import Batch, Cond
-from ..config import ConfigError
-from ..denoiser import Denoiser
-from ..generator import FewStepGenerator
-from ..parameterization import from_x0
-from ..schedules import NoiseSchedule
-from .base import Method, Turn
+from fewstep.core import losses, timesteps
+from fewstep.core.conditioning import Batch
+from fewstep.core.denoiser import Denoiser
+from fewstep.core.generator import FewStepGenerator
+from fewstep.core.guidance import guided
+from fewstep.core.parameterization import from_x0
+from fewstep.core.schedules import NoiseSchedule
+from fewstep.core.timesteps import from_timesteps
+from fewstep.errors import ConfigError
+from fewstep.methods.base import Method, Parts, Turn, has_real_images, require
 
 LSG_MODES = ("", "zero_cfg", "anti_cfg")
 
@@ -73,24 +75,12 @@ class SiDConfig:
 def kappas(c: SiDConfig) -> tuple[float, float, float, float]:
     """(kappa_1, kappa_2, kappa_3, kappa_4) after applying a named LSG setting."""
     if c.lsg not in LSG_MODES:
-        raise ConfigError(f"--method.lsg {c.lsg!r} is not known; use '' (the kappas as given), zero_cfg or anti_cfg")
+        raise ConfigError(f"method.lsg {c.lsg!r} is not known; use '' (the kappas as given), zero_cfg or anti_cfg")
     if c.lsg == "zero_cfg":
         return 0.0, 0.0, 0.0, 1.0
     if c.lsg == "anti_cfg":
         return 1.0, c.anti_kappa, c.anti_kappa, 1.0
     return c.kappa_1, c.kappa_2, c.kappa_3, c.kappa_4
-
-
-def guided(denoiser: Denoiser, x_t, t, cond: Cond, uncond: Cond, scales, out: str = "sample") -> list:
-    """``u + k (c - u)`` for each k in ``scales`` from at most one batched pass: conditional only when every
-    k is 1, unconditional only when every k is 0 (Zero-CFG's critic never sees the condition)."""
-    if all(k == 1.0 for k in scales):
-        return [denoiser(x_t, t, cond, out)] * len(scales)
-    if all(k == 0.0 for k in scales):
-        return [denoiser(x_t, t, uncond, out)] * len(scales)
-    t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(len(x_t))
-    d_c, d_u = denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat(cond, uncond), out).chunk(2)
-    return [d_u + k * (d_c - d_u) for k in scales]
 
 
 def init_time(schedule: NoiseSchedule, sigma_init: float) -> float:
@@ -107,26 +97,10 @@ def sid_timesteps(schedule: NoiseSchedule, sigma_init: float = 2.5, K: int = 1) 
     return tuple(round(k0 * (1 - i / K)) for i in range(K))
 
 
-def make_generator(teacher, cfg) -> FewStepGenerator:
-    """The SiD student for a loaded teacher and a RunConfig: input ``sigma(t_0) z``; ``t_0`` is checked
-    against ``method.sigma_init`` so a wrong t-list is a one-line error, not a silently worse run."""
-    from .. import build
-
-    schedule = teacher.denoiser.schedule
-    ts, sigma_init = tuple(cfg.model.student_timesteps), cfg.method.sigma_init
-    want = sid_timesteps(schedule, sigma_init, len(ts)) if sigma_init > 0 else ts
-    if abs(ts[0] - want[0]) > 1:
-        raise ConfigError(f"--model.student_timesteps starts at {ts[0]}, but SiD's generator input is at "
-                          f"sigma/alpha = {sigma_init} (timestep {want[0]} for this teacher); pass "
-                          f"--model.student_timesteps {','.join(map(str, want))} or --method.sigma_init 0 to keep "
-                          "your list")
-    t0 = build.student_times(teacher, cfg.model)[0]
-    return build.make_student(teacher, cfg.model, init_scale=float(schedule.sigma(t0)))
-
-
 class SiD(Method):
     """Critic and generator turns of SiD / SiD-LSG / few-step SiD over any ``Denoiser``."""
 
+    name = "sid"
     Config = SiDConfig
 
     def __init__(self, cfg: SiDConfig, teacher: Denoiser, student: FewStepGenerator, critic: Denoiser,
@@ -137,9 +111,39 @@ class SiD(Method):
         self.teacher = teacher.requires_grad_(False)
         self.student, self.critic, self.head = student, critic, head
         self.turns = (Turn("critic"), Turn("student"))   # critic first: the generator sees the updated critic
-        if cfg.gan_weight_student > 0 and head is None:
-            raise ConfigError("--method.gan_weight_student > 0 (SiDA) needs a discriminator head: set "
-                              "--model.gan_head true")
+        require(cfg.gan_weight_student == 0 or head is not None,
+                "method.gan_weight_student > 0 (SiDA) needs a discriminator head: set model.gan_head true")
+
+    @classmethod
+    def build(cls, cfg: SiDConfig, parts: Parts) -> "SiD":
+        """The generator's input is ``sigma(t_0) z``; ``t_0`` is checked against ``sigma_init`` so a wrong
+        t-list is a one-line error, not a silently worse run."""
+        schedule, ts = parts.teacher.schedule, tuple(parts.timesteps)
+        want = sid_timesteps(schedule, cfg.sigma_init, len(ts)) if cfg.sigma_init > 0 else ts
+        require(abs(ts[0] - want[0]) <= 1,
+                f"model.student_timesteps starts at {ts[0]}, but SiD's generator input is at sigma/alpha = "
+                f"{cfg.sigma_init} (timestep {want[0]} for this teacher); set model.student_timesteps "
+                f"{','.join(map(str, want))}, or method.sigma_init 0 to keep your list")
+        t0 = from_timesteps(ts, schedule)[0]
+        critic = parts.critic()
+        return cls(cfg, parts.teacher, parts.student(init_scale=float(schedule.sigma(t0))), critic,
+                   parts.head(critic))
+
+    @classmethod
+    def validate(cls, cfg: SiDConfig, model, data) -> None:
+        kappas(cfg)
+        require(cfg.sigma_init >= 0, f"method.sigma_init {cfg.sigma_init} must be >= 0 (0 keeps your t-list)")
+        for lo, hi in (("t_min", "t_max"), ("critic_t_min", "critic_t_max")):
+            a, b = getattr(cfg, lo), getattr(cfg, hi)
+            require(0 <= a <= b <= 1, f"method.{lo} {a} / method.{hi} {b}: need 0 <= {lo} <= {hi} <= 1")
+        require(cfg.gan_weight_student >= 0 and cfg.gan_weight_critic >= 0,
+                "method.gan_weight_student and method.gan_weight_critic must be >= 0")
+        require(cfg.gan_weight_student == 0 or model.gan_head,
+                f"method.gan_weight_student {cfg.gan_weight_student} (SiDA) needs a discriminator head: set "
+                "model.gan_head true, or method.gan_weight_student 0")
+        require(not model.gan_head or has_real_images(data),
+                f"model.gan_head true: SiDA's discriminator compares with real images and data.source "
+                f"{data.source!r} has none; set data.images to a folder of real images, or model.gan_head false")
 
     def trainable(self):
         critic = self.critic.trainable_parameters() + (list(self.head.parameters()) if self.head is not None else [])
@@ -163,13 +167,6 @@ class SiD(Method):
         return self.student(batch.noise, batch.cond, self.mixture_step(step),
                             eps_fn=lambda i: batch.randn_like(batch.noise, 100 + i))
 
-    def noised(self, x0, batch: Batch, salt: int, lo: float, hi: float):
-        """``x_t = alpha x0 + sigma eps`` at ``t ~ U[lo, hi]``, from the batch's per-sample seeds; keeps the
-        graph to ``x0``."""
-        s = self.teacher.schedule
-        t = timesteps.sample("uniform", batch.rand(salt, x0.device), s, lo, hi)
-        return s.add_noise(x0, batch.randn_like(x0, salt + 1), t), t
-
     def critic_pass(self, x_t, t, batch: Batch, scales, out: str = "sample", logits: bool = False):
         """The critic's guided outputs and, if asked, the head's logits read off the same pass (its first,
         conditional half when cond and uncond are batched)."""
@@ -185,7 +182,7 @@ class SiD(Method):
         c = self.cfg
         _, k2, k3, k4 = self.kappa
         x_g, _, k = self.generate(batch, step)
-        x_t, t = self.noised(x_g, batch, 1, c.t_min, c.t_max)
+        x_t, t = timesteps.noised(self.teacher.schedule, x_g, batch, 1, c.t_min, c.t_max)
         (y_real,) = guided(self.teacher, x_t, t, batch.cond, batch.uncond, (k4,))
         (y_fake, y_fake_2), logit = self.critic_pass(x_t, t, batch, (k2, k3), logits=c.gan_weight_student > 0)
         loss, logs = losses.sid(x_g, y_real, y_fake, c.alpha, None if k3 == k2 else y_fake_2)
@@ -202,15 +199,13 @@ class SiD(Method):
         c = self.cfg
         with torch.no_grad():
             x_g = self.generate(batch, step)[0]
-        x_t, t = self.noised(x_g, batch, 3, c.critic_t_min, c.critic_t_max)
+        x_t, t = timesteps.noised(self.teacher.schedule, x_g, batch, 3, c.critic_t_min, c.critic_t_max)
         kind = self.critic.prediction_type
         (pred,), logit_fake = self.critic_pass(x_t, t, batch, (self.kappa[0],), kind, logits=self.head is not None)
         loss = losses.dsm(pred, from_x0(x_g, x_t, t, kind, self.critic.schedule))
         logs = {"loss/critic/dsm": loss.detach(), "guidance/kappa_1": torch.tensor(self.kappa[0])}
         if logit_fake is None:
             return loss, logs
-        if batch.x0_real is None:
-            raise ValueError("SiDA needs real samples: the data config must provide x0_real")
         # SiDA noises real images with the same t and eps as the generated ones (salt 4 = noised()'s eps)
         xr_t = self.critic.schedule.add_noise(batch.x0_real, batch.randn_like(x_g, 4), t)
         with self.critic.backbone.tap() as feats:

