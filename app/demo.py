@@ -6,8 +6,9 @@
 
 Class-conditional directories (the digits teacher and its students) take a class; text-to-image
 directories take a prompt. The student's step slider stops at its trained step count (``train_timesteps``
-in its scheduler config). Bad input (no model, empty prompt, out-of-range values) is answered with a
-message in the page, never a stack trace. Serves on 127.0.0.1 unless ``--host`` says otherwise.
+in its scheduler config; a one-step student's slider is locked at 1). Bad input (no model, empty prompt,
+out-of-range values) is answered with a message in the page, never a stack trace. Serves on 127.0.0.1
+unless ``--host`` says otherwise.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def is_pipeline_dir(path: Path) -> bool:
 
 
 def default_teacher() -> Path:
-    from fewstep.build import DIGITS_TEACHER
+    from fewstep.digits import DIGITS_TEACHER
 
     return DIGITS_TEACHER
 
@@ -72,7 +73,7 @@ def check_dir(path, role: str) -> Path:
 
 def load(path: Path):
     """(pipe, kind), cached per directory and modification time; warmed up with one 1-step call."""
-    from fewstep.digits_eval import load_any_pipeline
+    from fewstep.digits.scoring import load_any_pipeline
 
     stamp = max((path / f).stat().st_mtime for f in ("model_index.json", "unet", "transformer", "scheduler")
                 if (path / f).exists())
@@ -86,7 +87,7 @@ def load(path: Path):
 
 
 def trained_steps(path: Path) -> int | None:
-    from fewstep.digits_eval import trained_steps as steps_of
+    from fewstep.digits.scoring import trained_steps as steps_of
 
     return steps_of(path)
 
@@ -166,6 +167,17 @@ def generate(teacher_dir, student_dir, class_label=0, prompt="", steps=1, seed=0
         return None, None, f"**Error:** {type(e).__name__}: {e}"
 
 
+def steps_slider(n: int | None, unknown_value: int = 1) -> dict:
+    """Student-steps slider settings for a student trained for ``n`` steps (None: unknown, up to 50).
+
+    Gradio refuses a slider whose minimum equals its maximum, so a one-step student gets the range 1..2
+    with the value fixed at 1 and the slider locked: the only valid choice is shown and nothing else can be
+    picked. Every setting is given each time, so choosing another student unlocks the slider again."""
+    if n is None:
+        return {"minimum": 1, "maximum": 50, "value": unknown_value, "step": 1, "interactive": True}
+    return {"minimum": 1, "maximum": max(n, 2), "value": n, "step": 1, "interactive": n > 1}
+
+
 def student_info(student_dir):
     """Slider update (limited to the trained step count) and a message for a newly chosen student."""
     import gradio as gr
@@ -175,9 +187,8 @@ def student_info(student_dir):
     except BadInput as e:
         return gr.Slider(), f"**Error:** {e}"
     n = trained_steps(path)
-    if n is None:
-        return gr.Slider(minimum=1, maximum=50, value=4, step=1), f"Student `{path}` (no trained step count)."
-    return gr.Slider(minimum=1, maximum=n, value=n, step=1), f"Student `{path}`: trained for {n} step(s)."
+    message = f"Student `{path}`: trained for {n} step(s)." if n else f"Student `{path}` (no trained step count)."
+    return gr.Slider(**steps_slider(n, unknown_value=4)), message
 
 
 def build_demo(teacher: str | Path | None = None, student: str | Path | None = None, runs_dir: Path = RUNS):
@@ -208,12 +219,13 @@ def build_demo(teacher: str | Path | None = None, student: str | Path | None = N
         gr.Markdown("## fewstep — teacher vs few-step student\nThe same seed through both models.")
         with gr.Row():
             t_dir = gr.Dropdown([teacher], value=teacher, label="Teacher directory", allow_custom_value=True)
-            s_dir = gr.Dropdown(choices, value=student or None, label="Student directory", allow_custom_value=True)
+            s_dir = gr.Dropdown(choices, value=student or None, label="Student directory", allow_custom_value=True,
+                                elem_id="student-dir")
         with gr.Row():
             label = gr.Number(value=3, precision=0, label="Class (class-conditional models)", elem_id="class")
             prompt = gr.Textbox(value="", label="Prompt (text-to-image models)", elem_id="prompt")
         with gr.Row():
-            steps = gr.Slider(1, n or 4, value=n or 1, step=1, label="Student steps")
+            steps = gr.Slider(**steps_slider(n), label="Student steps", elem_id="steps")
             seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
             cfg = gr.Slider(0, MAX_CFG, value=2.0, step=0.1, label="Teacher CFG (uncond + w (cond - uncond))")
             t_steps = gr.Slider(1, MAX_TEACHER_STEPS, value=50, step=1, label="Teacher steps")

@@ -13,8 +13,12 @@ process so that peaks belong to that model. FD-digits is a Frechet distance in t
 feature space; it is NOT FID.
 
 ``--methods-table`` instead reads each run's ``metrics.json`` and ``config.json`` and writes
-``methods.md``/``methods.json``: one row per method x step count (runs with several seeds are pooled):
-accuracy, FD ratio to the teacher mean +- spread, training wall time and generator updates.
+``methods.md``/``methods.json``: one row per method x step count x teacher (runs that differ only in their
+seed are pooled): accuracy, FD ratio to the teacher mean +- spread, training wall time and generator updates.
+Folders left out (no metrics.json or config.json, unreadable figures, a copy of another run's figures) are
+named on stderr with the reason.
+
+Progress goes to stderr, one line per phase, and the last line names the files written.
 """
 from __future__ import annotations
 
@@ -31,12 +35,19 @@ import numpy as np
 
 NOTE = "FD-digits is a Frechet distance in the bundled digits net's feature space; it is not FID."
 GRID_SEED = 7
+BUNDLED_TEACHER = "digits (bundled)"      # model.teacher "" in a run's config.json
 _PIPES: dict = {}
+_START = time.perf_counter()
+
+
+def status(message: str) -> None:
+    """One progress line on stderr (stdout holds the report), with the seconds since the start."""
+    print(f"[{time.perf_counter() - _START:5.0f} s] {message}", file=sys.stderr, flush=True)
 
 
 def pipeline(path) -> object:
     """A FewStepClassPipeline per directory, loaded once per benchmark."""
-    from fewstep import digits_eval
+    from fewstep.digits import scoring as digits_eval
 
     key = str(Path(path).resolve())
     if key not in _PIPES:
@@ -91,7 +102,7 @@ def reset_rss_peak() -> bool:
 def speed_child(spec: str) -> None:
     import torch
 
-    from fewstep import digits_eval
+    from fewstep.digits import scoring as digits_eval
 
     s = json.loads(spec)
     cuda = torch.cuda.is_available()
@@ -119,13 +130,15 @@ def speed_child(spec: str) -> None:
 
 
 def teacher_rows(teacher: Path, steps_list: list[int], w: float, n: int, seeds: list[int]) -> list[dict]:
-    """Teacher quality at each step count; the 50-step figures come from finish.teacher_reference (cached
+    """Teacher quality at each step count; the 50-step figures come from report.teacher_reference (cached
     beside the teacher) when the guidance matches the one it uses."""
-    from fewstep import digits_eval
-    from fewstep.finish import teacher_reference
+    from fewstep.digits import scoring as digits_eval
+    from fewstep.run.report import teacher_reference
 
     pipe, rows = pipeline(teacher), []
     for steps in steps_list:
+        status(f"teacher {teacher} at {steps} step(s), CFG {w:g}: accuracy and FD-digits ({n} samples x "
+               f"{len(seeds)} seed(s))")
         if steps == 50 and w == 2.0:
             ref = teacher_reference(teacher, n, tuple(seeds))
             q = {k: ref[k] for k in ("accuracy", "accuracy_std", "fd_digits", "fd_digits_std",
@@ -138,10 +151,11 @@ def teacher_rows(teacher: Path, steps_list: list[int], w: float, n: int, seeds: 
 
 
 def student_row(path: Path, n: int, seeds: list[int]) -> dict:
-    from fewstep import digits_eval
+    from fewstep.digits import scoring as digits_eval
 
     pipe = pipeline(path)
     steps = digits_eval.trained_steps(path) or pipe.default_num_inference_steps()
+    status(f"student {path} at {steps} step(s): accuracy and FD-digits ({n} samples x {len(seeds)} seed(s))")
     q = digits_eval.score(pipe, n, seeds, steps=steps)
     return {"name": model_name(path), "role": "student", "path": str(path), "steps": steps, "guidance_scale": 1.0,
             "nfe": steps, **q}
@@ -149,7 +163,7 @@ def student_row(path: Path, n: int, seeds: list[int]) -> dict:
 
 def sample_images(row: dict) -> np.ndarray:
     """One image per class (0..9), the same seeds for every model: uint8 [10, H, W]."""
-    from fewstep import digits_eval
+    from fewstep.digits import scoring as digits_eval
 
     x, _ = digits_eval.generate(pipeline(row["path"]), 10, GRID_SEED, row["steps"],
                                 row["guidance_scale"])
@@ -275,8 +289,8 @@ def write_report(report: dict, out: Path) -> Path:
 
 
 def benchmark(args) -> dict:
-    from fewstep import digits_eval
-    from fewstep.build import DIGITS_TEACHER
+    from fewstep.digits import DIGITS_TEACHER
+    from fewstep.digits import scoring as digits_eval
 
     teacher = Path(args.teacher) if args.teacher else DIGITS_TEACHER
     for p in [teacher, *args.models]:
@@ -285,12 +299,14 @@ def benchmark(args) -> dict:
                              "embeddings); for text-to-image models use eval/generate.py, fid.py and clip_score.py")
     t0 = time.perf_counter()
     steps_list = sorted(set(args.teacher_steps) | {50})
+    status(f"benchmarking {len(args.models)} student(s) against {teacher}; report into {args.out}")
     rows = teacher_rows(teacher, steps_list, args.teacher_guidance, args.samples, args.seeds)
     rows += [student_row(Path(p), args.samples, args.seeds) for p in args.models]
     ref_fd = next(r["fd_digits"] for r in rows if r["role"] == "teacher" and r["steps"] == 50)
     for r in rows:
         r["fd_ratio_to_teacher"], r["fd_ratio_std"] = r["fd_digits"] / ref_fd, r["fd_digits_std"] / ref_fd
         if r["role"] == "student" or r["steps"] == 50:
+            status(f"{r['name']}: images/s, batch-1 latency and peak memory (in a fresh process)")
             r.update(measure_speed(Path(r["path"]), r["steps"], r["guidance_scale"], args.batch, args.repeats,
                                    args.latency_repeats))
     import torch
@@ -307,63 +323,121 @@ def benchmark(args) -> dict:
 # ---------------------------------------------------------------- methods table (issue 3)
 
 
-def find_runs(paths: list[str]) -> list[Path]:
-    runs = []
+class SkipRun(Exception):
+    """A folder left out of the methods table; the message says why."""
+
+
+def find_runs(paths: list[str]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Run folders (holding metrics.json) at or under ``paths``, and (path, reason) for each path without one."""
+    runs, skipped = [], []
     for p in map(Path, paths):
-        runs += [p] if (p / "metrics.json").is_file() else sorted(m.parent for m in p.rglob("metrics.json"))
-    return runs
+        found = [p] if (p / "metrics.json").is_file() else sorted(m.parent for m in p.rglob("metrics.json"))
+        runs += found
+        if not p.exists():
+            skipped.append((p, "does not exist"))
+        elif not found:
+            skipped.append((p, "no metrics.json (training unfinished, train.evaluate false, or not a run folder)"))
+    return runs, skipped
 
 
-def run_facts(run: Path) -> dict:
-    """Method, steps, accuracy, FD ratio, wall time and updates of one training run."""
-    m = json.loads((run / "metrics.json").read_text())
-    cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+def teacher_of(cfg: dict) -> str:
+    """The teacher a run distilled, as its config names it (model.teacher; "" is the bundled digits teacher)."""
+    teacher = (cfg.get("model") or {}).get("teacher") or ""
+    return os.path.normpath(teacher) if teacher else BUNDLED_TEACHER
+
+
+def read_run(run: Path) -> tuple[dict, dict]:
+    """(metrics, config) of a run folder; raises SkipRun when either is missing or not JSON."""
+    if not (run / "config.json").is_file():
+        raise SkipRun("no config.json beside metrics.json: its method and teacher are unknown")
+    try:
+        return json.loads((run / "metrics.json").read_text()), json.loads((run / "config.json").read_text())
+    except (OSError, ValueError) as e:     # JSONDecodeError is a ValueError
+        raise SkipRun(f"unreadable metrics.json or config.json ({type(e).__name__}: {e})") from None
+
+
+def run_facts(run: Path, m: dict, cfg: dict) -> dict:
+    """Method, steps, teacher, accuracy, FD ratio, wall time and updates of one training run."""
     st, updates = m["student"], m.get("updates", {})
     wall = m.get("train_seconds", m.get("wall_seconds"))
-    approx = wall is None and (run / "config.json").is_file() and (run / "unet").is_dir()
+    approx = wall is None and (run / "unet").is_dir()
     if approx:   # config.json is written when training starts, the exported unet when it ends
         wall = (run / "unet").stat().st_mtime - (run / "config.json").stat().st_mtime
     gen = updates.get("student", updates.get("generator", sum(v for k, v in updates.items() if k != "critic")))
     method = cfg.get("method_name", m.get("method", "?"))
     if (cfg.get("method") or {}).get("segment_schedule"):     # segmented consistency (Hyper-SD TSCD)
         method += " (TSCD)"
-    return {"run": str(run), "method": method, "steps": st.get("steps"),
+    return {"run": str(run), "method": method, "steps": st.get("steps"), "teacher": teacher_of(cfg),
             "accuracy": st["accuracy"], "fd_ratio": m["fd_ratio_to_teacher"],
             "fd_ratio_seed_std": st.get("fd_digits_std", 0.0) / m["teacher"]["fd_digits"],
             "wall_seconds": wall, "wall_approx": approx, "generator_updates": gen, "updates": updates}
 
 
+def collect_runs(paths: list[str]) -> tuple[list[dict], list[tuple[Path, str]]]:
+    """Facts of each usable run under ``paths``, and (folder, reason) for each one left out. A folder whose
+    metrics.json equals an earlier one's is a copy of that run: counted once, or its row's spread shrinks."""
+    runs, skipped = find_runs(paths)
+    facts, seen = [], {}
+    for run in runs:
+        try:
+            m, cfg = read_run(run)
+            fact = run_facts(run, m, cfg)
+        except SkipRun as e:
+            skipped.append((run, str(e)))
+            continue
+        except (KeyError, TypeError, ZeroDivisionError) as e:
+            skipped.append((run, f"metrics.json lacks the digits figures ({type(e).__name__}: {e})"))
+            continue
+        key = json.dumps(m, sort_keys=True)
+        if key in seen:
+            skipped.append((run, f"same metrics.json as {seen[key]} (a copy of that run)"))
+            continue
+        seen[key] = run
+        facts.append(fact)
+    return facts, skipped
+
+
+def pool(fs: list[dict]) -> dict:
+    """One table row from the runs of one method x steps x teacher."""
+    ratios = [f["fd_ratio"] for f in fs]
+    # spread: std over runs (seeds) when there are several, else the std over evaluation seeds
+    spread = float(np.std(ratios)) if len(fs) > 1 else fs[0]["fd_ratio_seed_std"]
+    walls = [f["wall_seconds"] for f in fs if f["wall_seconds"] is not None]
+    return {"method": fs[0]["method"], "steps": fs[0]["steps"], "teacher": fs[0]["teacher"], "runs": len(fs),
+            "accuracy": float(np.mean([f["accuracy"] for f in fs])),
+            "fd_ratio": float(np.mean(ratios)), "fd_ratio_spread": spread,
+            "wall_seconds": float(np.mean(walls)) if walls else None,
+            "wall_approx": any(f["wall_approx"] for f in fs),
+            "generator_updates": float(np.mean([f["generator_updates"] for f in fs])),
+            "run_dirs": [f["run"] for f in fs]}
+
+
 def methods_table(paths: list[str], out: Path) -> Path:
-    facts = [run_facts(r) for r in find_runs(paths)]
+    facts, skipped = collect_runs(paths)
+    for folder, why in skipped:
+        print(f"skipped {folder}: {why}", file=sys.stderr)
     if not facts:
-        raise SystemExit("error: no run folder with metrics.json found under " + " ".join(paths))
+        raise SystemExit("error: no run folder with metrics.json and config.json found under " + " ".join(paths))
     groups: dict[tuple, list[dict]] = {}
-    for f in facts:
-        groups.setdefault((f["method"], f["steps"]), []).append(f)
-    rows = []
-    for (method, steps), fs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
-        ratios = [f["fd_ratio"] for f in fs]
-        # spread: std over runs (seeds) when there are several, else the std over evaluation seeds
-        spread = float(np.std(ratios)) if len(fs) > 1 else fs[0]["fd_ratio_seed_std"]
-        walls = [f["wall_seconds"] for f in fs if f["wall_seconds"] is not None]
-        rows.append({"method": method, "steps": steps, "runs": len(fs), "accuracy": float(np.mean([f["accuracy"] for f in fs])),
-                     "fd_ratio": float(np.mean(ratios)), "fd_ratio_spread": spread,
-                     "wall_seconds": float(np.mean(walls)) if walls else None,
-                     "wall_approx": any(f["wall_approx"] for f in fs),
-                     "generator_updates": float(np.mean([f["generator_updates"] for f in fs])),
-                     "run_dirs": [f["run"] for f in fs]})
-    lines = ["# Methods x steps (digits)", "", NOTE + " FD ratio = student FD-digits / teacher 50-step FD-digits.",
-             "", "| method | steps | runs | class accuracy | FD ratio (mean ± spread) | wall time (s) | generator updates |",
-             "|---|---|---|---|---|---|---|"]
+    for f in facts:     # runs of other teachers (or text-to-image runs) are other experiments: never pooled
+        groups.setdefault((f["method"], f["steps"], f["teacher"]), []).append(f)
+    rows = [pool(fs) for _, fs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2]))]
+    status(f"{len(facts)} run(s) in {len(rows)} row(s); {len(skipped)} folder(s) skipped")
+    lines = ["# Methods x steps x teacher (digits)", "",
+             NOTE + " FD ratio = student FD-digits / teacher 50-step FD-digits.", "",
+             "| method | steps | teacher | runs | class accuracy | FD ratio (mean ± spread) | wall time (s) | "
+             "generator updates |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         wall = "–" if r["wall_seconds"] is None else f"{'~' if r['wall_approx'] else ''}{r['wall_seconds']:.0f}"
-        lines.append(f"| {r['method']} | {r['steps']} | {r['runs']} | {r['accuracy']:.3f} | "
+        lines.append(f"| {r['method']} | {r['steps']} | {r['teacher']} | {r['runs']} | {r['accuracy']:.3f} | "
                      f"{r['fd_ratio']:.3g} ± {r['fd_ratio_spread']:.2g} | {wall} | {r['generator_updates']:.0f} |")
     lines += ["", "Spread: std over runs when a row pools several runs, else the std over evaluation seeds. "
               "~: wall time estimated from file times (metrics.json has no train_seconds).", ""]
     out.mkdir(parents=True, exist_ok=True)
     (out / "methods.md").write_text("\n".join(lines))
-    (out / "methods.json").write_text(json.dumps({"rows": rows, "runs": facts, "note": NOTE}, indent=2))
+    (out / "methods.json").write_text(json.dumps({"rows": rows, "runs": facts, "note": NOTE,
+                                                  "skipped": {str(k): v for k, v in skipped}}, indent=2))
     return out / "methods.md"
 
 
@@ -396,7 +470,8 @@ def main(argv=None) -> int:
 
     matplotlib.use("Agg")
     if args.methods_table:
-        print(f"wrote {methods_table(args.models, args.out)}")
+        md = methods_table(args.models, args.out)
+        print(f"wrote {md} and {md.with_name('methods.json')}")
         return 0
     import torch
 
@@ -405,10 +480,12 @@ def main(argv=None) -> int:
     report = benchmark(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
-    plot_quality(report["rows"], args.out)
-    plot_speed(report["rows"], args.out)
-    plot_samples(report["rows"], args.out)
-    print((write_report(report, args.out)).read_text())
+    status(f"plots and sample grid into {args.out}")
+    plots = [plot_quality(report["rows"], args.out), plot_speed(report["rows"], args.out),
+             plot_samples(report["rows"], args.out)]
+    md = write_report(report, args.out)
+    print(md.read_text())
+    status(f"wrote {md}, {args.out / 'report.json'} and {', '.join(p.name for p in plots)}")
     return 0
 
 

@@ -18,25 +18,37 @@ The Frechet distance is computed here from the features (float64, scipy sqrtm wi
 deprecated ``disp`` argument); KID is clean-fid's ``kernel_distance`` on the same features, which works for
 every feature network (clean-fid's ``compute_kid`` has no custom-extractor hook). Always CPU when there
 is no CUDA, and ``num_workers=0`` (clean-fid defaults to 12 workers and cuda).
+
+Before any model loads, every image folder (or .zip) is checked: one that holds no image, or an image that
+cannot be read, ends the run with a one-line ``error:`` naming it (exit status 2).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
 import platform
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
 REAL_DIGITS = "digits"
+# the files clean-fid reads from a folder (cleanfid.utils.EXTENSIONS), copied so that folders are checked
+# before torch is imported
+EXTENSIONS = {"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp", "npy", "JPEG", "JPG", "PNG"}
 
 
 class MissingWeights(Exception):
     """A weights file that is never downloaded at run time is absent."""
+
+
+class BadImages(ValueError):
+    """An image folder that holds no image, or an image that cannot be read."""
 
 
 def cleanfid_cache() -> Path:
@@ -60,6 +72,64 @@ def find_inception(path: str | None = None) -> Path:
         f"{cleanfid_cache()} (or use --features digits for FD-digits, which is not FID)")
 
 
+def is_zip(path: Path) -> bool:
+    return ".zip" in str(path) and path.is_file()     # clean-fid's own test, on a file
+
+
+def image_files(path: Path, num: int | None = None) -> list[str]:
+    """The images clean-fid reads from a folder (recursively) or a .zip, in its order; the first ``num``."""
+    if is_zip(path):
+        with zipfile.ZipFile(path) as z:
+            files = sorted(n for n in set(z.namelist()) if os.path.splitext(n)[1].lower()[1:] in EXTENSIONS)
+    else:
+        files = sorted(str(f) for ext in EXTENSIONS for f in path.glob(f"**/*.{ext}"))
+    return files[:num] if num is not None else files
+
+
+def why_unreadable(open_file, name: str) -> str | None:
+    """None when the image decodes as clean-fid will read it, else the reason (PIL verify: header and, for
+    PNG, every chunk's checksum, without decoding the pixels)."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open_file(name) as f:
+            if name.endswith(".npy"):
+                np.load(f)
+            else:
+                with Image.open(f) as im:
+                    im.verify()
+    except UnidentifiedImageError:
+        return "not an image PIL can read"
+    except Exception as e:   # truncated or corrupt files raise OSError, SyntaxError, ValueError, ... by format
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def check_images(path: Path, role: str, num: int | None = None) -> int:
+    """The number of images in ``path``; raises BadImages (a one-line message) when it holds none, or when one
+    of them cannot be read, naming the first and counting the others."""
+    if path.is_file() and not is_zip(path):
+        raise BadImages(f"error: {role} {path} is a file; pass a folder of images or a .zip of images")
+    files = image_files(path, num)
+    if not files:
+        kinds = ", .".join(sorted({e.lower() for e in EXTENSIONS}))
+        fix = "generate some first, e.g. with eval/generate.py" if role == "generated" else \
+            "pass the folder of real images (or a statistics .npz)"
+        raise BadImages(f"error: {role} folder {path} holds no images (.{kinds} files); {fix}")
+    if is_zip(path):
+        with zipfile.ZipFile(path) as z:
+            bad = [(n, why) for n in files if (why := why_unreadable(z.open, n))]
+    else:
+        bad = [(n, why) for n in files if (why := why_unreadable(functools.partial(open, mode="rb"), n))]
+    if bad:
+        (name, why), more = bad[0], f" (and {len(bad) - 1} more unreadable)" if len(bad) > 1 else ""
+        where = f"{name} in {path}" if is_zip(path) else name
+        raise BadImages(f"error: {role} image {where} cannot be read: {why}{more}; delete or replace it "
+                        "(eval/generate.py regenerates missing images)")
+    return len(files)
+
+
 def inception_extractor(weights: Path, device):
     """clean-fid's InceptionV3W (expects 299 x 299 inputs in [0, 255]), loaded without a download attempt."""
     from cleanfid.inception_torchscript import InceptionV3W
@@ -75,7 +145,7 @@ class DigitsFeatures:
     """[0, 255] RGB batches -> DigitsNet penultimate features (grey = channel mean, scaled to [-1, 1])."""
 
     def __init__(self):
-        from fewstep import metrics
+        from fewstep.digits import metrics
 
         self.metrics, self.net = metrics, metrics.load_digits_net()
 
@@ -152,12 +222,12 @@ def reference(ref, metric: str, extractor, fn_resize, device, batch_size, verbos
     """(mu, sigma, feats or None) of the reference: a folder, a statistics .npz, or the real digits."""
     import numpy as np
 
-    from fewstep import metrics
+    from fewstep.digits import metrics
 
     if ref == REAL_DIGITS:
         if metric != "FD-digits":
             raise ValueError("the real-digits reference needs --features digits")
-        from fewstep.digits import load_digits
+        from fewstep.digits.data import load_digits
 
         x0, _ = load_digits(metrics.IMAGE_SIZE)
         feats = metrics.extract_features(x0).numpy()
@@ -177,7 +247,7 @@ def distances(feats, ref_stats, kid: bool = False, kid_seed: int = 0) -> dict:
     """Frechet distance (float64, own implementation) and optionally KID from features."""
     import numpy as np
 
-    from fewstep import metrics
+    from fewstep.digits import metrics
 
     mu_r, sigma_r, feats_r = ref_stats
     out = {"frechet_distance": metrics.frechet_distance(*metrics.feature_stats(feats), mu_r, sigma_r),
@@ -214,7 +284,7 @@ def compute(gen, ref=None, features="inception", kid=False, inception=None, resi
     if save_stats is not None:
         import numpy as np
 
-        from fewstep import metrics
+        from fewstep.digits import metrics
 
         mu, sigma = metrics.feature_stats(feats)
         np.savez(save_stats, mu=mu, sigma=sigma, feats=feats, metric=metric)
@@ -264,6 +334,10 @@ def main(argv=None) -> int:
                 raise FileNotFoundError(f"error: {p} does not exist")
         if args.ref is None and args.features != "digits" and args.save_stats is None:
             raise ValueError("error: give a reference folder or .npz (or --save-stats to only write statistics)")
+        if args.gen_fn is None:
+            check_images(Path(args.gen), "generated", args.num)
+        if args.ref not in (None, REAL_DIGITS) and Path(args.ref).suffix != ".npz":
+            check_images(Path(args.ref), "reference")
     except (MissingWeights, FileNotFoundError, ValueError) as e:
         print(str(e), file=sys.stderr)
         return 2
@@ -280,6 +354,10 @@ def main(argv=None) -> int:
                          pre_resize=args.pre_resize)
     except (ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:   # an image the check could not catch (verify does not decode every format fully)
+        folders = " and ".join(str(p) for p in (args.gen, args.ref) if p not in (None, REAL_DIGITS))
+        print(f"error: reading the images of {folders} failed: {e}", file=sys.stderr)
         return 2
     if "value" in result:
         print(f"{result['metric']}: {result['value']:.6g}  ({result['num_images']} images)")

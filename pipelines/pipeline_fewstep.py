@@ -6,12 +6,16 @@ fills the gap for both the many-step teacher (with `DDIMScheduler`) and its few-
 is always `uncond + w * (cond - uncond)` on the model output; w = 1 is no guidance. The null label
 is the last class embedding: the unet has `num_class_embeds = num_classes + 1`.
 
-This file imports only torch, numpy and diffusers so that it can be copied alone into an exported
-pipeline directory and loaded with `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`.
+This file imports only the standard library, torch, numpy and diffusers so that it can be copied alone into
+an exported pipeline directory and loaded with `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`.
+`save_pretrained` copies it there itself, so a reloaded pipeline saves a folder that reloads the same way.
 """
 
 import inspect
+import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +26,10 @@ from diffusers.utils.torch_utils import randn_tensor
 OUTPUT_TYPES = ("pil", "np", "pt")
 DEFAULT_STEPS = 50
 EXPERTS = ("unet_1", "unet_2", "unet_3")  # optional per-phase experts after `unet` (Phased DMD)
+# the module names a saved folder uses: diffusers loads `<module>.py` beside model_index.json (the pipeline)
+# or inside a component folder, with trust_remote_code=True (the hub convention for custom code)
+PIPELINE_MODULE = "pipeline_fewstep"
+SCHEDULER_MODULE, SCHEDULER_CLASS = "scheduling_fewstep", "FewStepScheduler"
 
 
 class FewStepClassPipeline(DiffusionPipeline):
@@ -47,6 +55,33 @@ class FewStepClassPipeline(DiffusionPipeline):
         self.register_to_config(expert_boundaries=bounds or None)
         self.expert_boundaries = bounds or None   # a plain attribute too: tools that getattr it see no deprecation
 
+    def save_config(self, save_directory, push_to_hub=False, **kwargs):
+        """Write model_index.json, then make the folder load without fewstep (see `_make_self_contained`).
+
+        `save_pretrained` writes model_index.json last, through this method, after every component folder and
+        before any upload to the hub, so hooking here covers `save_pretrained` and its `push_to_hub` alike.
+        """
+        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+        self._make_self_contained(Path(save_directory))
+
+    def _make_self_contained(self, folder):
+        """Copy the custom code beside what uses it and point model_index.json at the copies.
+
+        diffusers records custom classes by their import path ("fewstep_pipelines.pipeline_fewstep", or
+        "diffusers_modules.local..." once loaded from a folder), which another Python cannot import.
+        """
+        index_path = folder / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index.pop("_name_or_path", None)   # the folder this pipeline was loaded from: meaningless to a user
+        _copy_source(Path(__file__), folder / f"{PIPELINE_MODULE}.py")
+        index["_class_name"] = [PIPELINE_MODULE, "FewStepClassPipeline"]
+        for name, entry in index.items():
+            cls = _class_named(getattr(self, name, None), SCHEDULER_CLASS) if isinstance(entry, list) else None
+            if cls is not None and (folder / name).is_dir():
+                _copy_source(Path(inspect.getfile(cls)), folder / name / f"{SCHEDULER_MODULE}.py")
+                index[name] = [SCHEDULER_MODULE, SCHEDULER_CLASS]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
     def unet_at(self, timestep):
         """The expert that owns `timestep`: one more expert below each boundary it does not exceed."""
         k = sum(float(timestep) <= b for b in self.config.expert_boundaries or [])
@@ -66,12 +101,17 @@ class FewStepClassPipeline(DiffusionPipeline):
         return getattr(self.scheduler.config, "original_inference_steps", None) or DEFAULT_STEPS
 
     def _labels(self, class_labels, device):
-        """Validate class labels (int, list of ints or LongTensor) and return a 1-D LongTensor."""
+        """Validate class labels (an int, a list, tuple or range of ints, an integer numpy array or tensor) and
+        return a 1-D LongTensor."""
         if isinstance(class_labels, torch.Tensor):
             if class_labels.is_floating_point() or class_labels.dtype == torch.bool:
                 raise ValueError(f"class_labels has dtype {class_labels.dtype}; pass an integer (Long) tensor.")
             values = class_labels.reshape(-1).tolist()
-        elif isinstance(class_labels, (list, tuple)):
+        elif isinstance(class_labels, np.ndarray):
+            if not np.issubdtype(class_labels.dtype, np.integer):   # bool is not an integer dtype in numpy
+                raise ValueError(f"class_labels has dtype {class_labels.dtype}; pass an integer numpy array.")
+            values = class_labels.reshape(-1).tolist()
+        elif isinstance(class_labels, (list, tuple, range)):
             values = list(class_labels)
         else:
             values = [class_labels]
@@ -102,11 +142,27 @@ class FewStepClassPipeline(DiffusionPipeline):
                 "or a single generator."
             )
         n = num_inference_steps
+        if n is None:   # only with an explicit timesteps list, which sets the step count
+            return
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(
                 f"num_inference_steps={n!r} is invalid; pass a positive integer "
                 f"(this scheduler's default is {self.default_num_inference_steps()})."
             )
+
+    def _set_timesteps(self, num_inference_steps, timesteps, device):
+        """The scheduler's own t-list for a step count, or the caller's explicit list (as stock pipelines'
+        `timesteps=`), which only schedulers whose set_timesteps takes `timesteps` accept."""
+        if timesteps is None:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+            return
+        if "timesteps" not in inspect.signature(self.scheduler.set_timesteps).parameters:
+            raise ValueError(
+                f"timesteps={timesteps} is not supported by {type(self.scheduler).__name__}; "
+                "pass num_inference_steps instead."
+            )
+        steps = {} if num_inference_steps is None else {"num_inference_steps": num_inference_steps}
+        self.scheduler.set_timesteps(timesteps=timesteps, device=device, **steps)
 
     def _initial_latents(self, batch_size, generator, latents, device, dtype):
         """Unit noise (or the given latents) times the scheduler's initial noise scale."""
@@ -150,18 +206,20 @@ class FewStepClassPipeline(DiffusionPipeline):
         latents=None,
         output_type="pil",
         return_dict=True,
+        timesteps=None,
     ):
         """Generate one image per class label.
 
-        num_inference_steps defaults to the student's trained step count (else 50). With one generator
-        per image the result for each image does not depend on the batch size.
+        num_inference_steps defaults to the student's trained step count (else 50). `timesteps` is an explicit
+        descending t-list instead (e.g. [999, 499] for FewStepScheduler), as stock diffusers pipelines take it.
+        With one generator per image the result for each image does not depend on the batch size.
         """
         device = self._execution_device
         labels = self._labels(class_labels, device)
-        if num_inference_steps is None:
+        if num_inference_steps is None and timesteps is None:
             num_inference_steps = self.default_num_inference_steps()
         self._check_args(len(labels), num_inference_steps, guidance_scale, generator, output_type)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._set_timesteps(num_inference_steps, timesteps, device)
         x = self._initial_latents(len(labels), generator, latents, device, self.unet.dtype)
         step_kwargs = {}
         if "generator" in inspect.signature(self.scheduler.step).parameters:
@@ -177,3 +235,15 @@ class FewStepClassPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+
+def _class_named(obj, name):
+    """The class called `name` in obj's MRO, or None; by name, because a class loaded from a saved folder
+    lives in its own dynamic module and is not the class object this file would import."""
+    return next((c for c in type(obj).__mro__ if c.__name__ == name), None) if obj is not None else None
+
+
+def _copy_source(src, dst):
+    # saving into the folder the code was loaded from would copy a file onto itself
+    if not dst.exists() or not dst.samefile(src):
+        shutil.copyfile(src, dst)

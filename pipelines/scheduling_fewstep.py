@@ -15,11 +15,15 @@ and the last x0 is the sample. Two noise processes are supported:
 * "flow": rectified flow, s = k / num_train_timesteps, x_t = (1 - s) x0 + s eps; the model predicts
   u = eps - x0 ("flow_prediction"), so x0 = x_t - s u.
 
-This file imports only torch, numpy and diffusers so that it can be copied alone into an
-exported pipeline directory and loaded with `trust_remote_code=True`.
+This file imports only the standard library, torch, numpy and diffusers so that it can be copied alone
+into an exported pipeline directory and loaded with `trust_remote_code=True`. `save_pretrained` copies it
+into the scheduler folder itself, and any pipeline holding this scheduler records it as
+["scheduling_fewstep", "FewStepScheduler"], so a saved pipeline folder reloads in a Python without fewstep.
 """
 
 import math
+import os
+import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +43,8 @@ ALLOWED_PREDICTIONS = {
     "vp": ("epsilon", "v_prediction", "sample"),
     "flow": ("flow_prediction", "epsilon", "sample"),
 }
+# the module name of this file inside a saved scheduler folder (diffusers loads `<folder>/<module>.py`)
+SAVED_MODULE = "scheduling_fewstep"
 
 
 @dataclass
@@ -122,9 +128,22 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = self._as_tensor(train_timesteps) if train_timesteps is not None else None
         self.sigmas = None
         self._begin_index = None
+        # a pipeline records each component as (obj.__module__, class name) in model_index.json; the class's own
+        # module ("fewstep_pipelines.scheduling_fewstep", or "diffusers_modules.local..." once loaded from a
+        # folder) cannot be imported elsewhere, the copy that save_config writes into the scheduler folder can
+        self.__module__ = SAVED_MODULE
 
     def __len__(self):
         return self.config.num_train_timesteps
+
+    def save_config(self, save_directory, push_to_hub=False, **kwargs):
+        """Write scheduler_config.json and a copy of this file beside it (before any upload to the hub), so the
+        folder loads with `trust_remote_code=True` where fewstep is not installed."""
+        os.makedirs(save_directory, exist_ok=True)
+        target = os.path.join(save_directory, SAVED_MODULE + ".py")
+        if not os.path.exists(target) or not os.path.samefile(__file__, target):
+            shutil.copyfile(__file__, target)
+        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     # ---------------------------------------------------------------- timesteps
 
@@ -169,8 +188,11 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         the student's t-list is explicit and already holds whatever shift it was trained with.
         """
         if sigmas is not None:
-            if self.config.process != "flow" or timesteps is not None:
-                raise ValueError("sigmas=[...] is only defined for a flow student and without timesteps=[...].")
+            if timesteps is not None:
+                raise ValueError("got both sigmas=[...] and timesteps=[...]; pass only one of them.")
+            if self.config.process != "flow":
+                raise ValueError("sigmas=[...] is only defined for a flow student; this is a VP student: "
+                                 f"pass {self._explicit_list_hint()}")
             timesteps = [float(s) * self.config.num_train_timesteps for s in np.asarray(sigmas).reshape(-1)]
         if timesteps is not None:
             chosen = self._check_timesteps(timesteps, "timesteps")
@@ -189,6 +211,17 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         self.sigmas = torch.cat([sigma, torch.zeros(1)]).to(device)
         self._begin_index = None
 
+    def _explicit_list_hint(self):
+        """How a caller passes its own t-list. This scheduler cannot know which pipeline calls it, and pipelines
+        differ: FewStepClassPipeline and e.g. StableDiffusionPipeline take timesteps=, flow pipelines such as
+        FluxPipeline and StableDiffusion3Pipeline take only sigmas= (timesteps / num_train_timesteps)."""
+        T = self.config.num_train_timesteps
+        if self.config.process == "flow":
+            return (f"an explicit descending list as the pipeline's timesteps=[...], or as sigmas=[t / {T}, ...] "
+                    "where it takes only sigmas (FluxPipeline, StableDiffusion3Pipeline).")
+        return ("an explicit descending list as the pipeline's timesteps=[...] (FewStepClassPipeline, "
+                "StableDiffusionPipeline and other pipelines whose __call__ takes timesteps).")
+
     def set_begin_index(self, begin_index=0):
         """Kept for pipelines that set it before their loop; steps are located by timestep value."""
         self._begin_index = begin_index
@@ -198,8 +231,8 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         if n is None:
             if trained is None:
                 raise ValueError(
-                    "num_inference_steps=None but this scheduler has no train_timesteps; "
-                    "pass num_inference_steps or timesteps=[...]."
+                    "num_inference_steps=None but this scheduler has no train_timesteps; pass num_inference_steps, "
+                    f"or {self._explicit_list_hint()}"
                 )
             return list(trained)
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
@@ -215,7 +248,7 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         if n > K:
             raise ValueError(
                 f"num_inference_steps={n} exceeds the {K} steps the student was trained on ({full}); "
-                f"pass num_inference_steps <= {K} or an explicit timesteps=[...] list."
+                f"pass num_inference_steps <= {K}, or {self._explicit_list_hint()}"
             )
         # evenly strided subset that always keeps the first (noisiest) trained step
         idx = np.round(np.linspace(0, K, int(n), endpoint=False)).astype(int)

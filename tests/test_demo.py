@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import tiny_class_unet
+from PIL import Image
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,20 +49,23 @@ def demo_mod():
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    """Tiny 16x16 teacher (DDIM) and, under runs/, an older 4-step and a newer 2-step student."""
+    """Tiny 16x16 teacher (DDIM) and, under runs/, an older 4-step and one-step student and a newer 2-step one."""
     from diffusers import DDIMScheduler
+    from fewstep_pipelines import FewStepClassPipeline
 
-    from fewstep_pipelines import FewStepClassPipeline, fewstep_scheduler_for, save_pipeline_dir
+    from fewstep.run.folders import save_pipeline_dir
+    from fewstep.run.schedulers import fewstep_scheduler_for
 
     root = tmp_path_factory.mktemp("demo")
     sched = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", clip_sample=False,
                           set_alpha_to_one=False, timestep_spacing="trailing")
     tiny_class_unet(sample_size=SIZE).save_pretrained(root / "teacher" / "unet")
     sched.save_pretrained(root / "teacher" / "scheduler")
-    for name, tlist in (("old4", [999, 749, 499, 249]), ("new2", [999, 499])):
+    for name, tlist in (("old4", [999, 749, 499, 249]), ("one1", [999]), ("new2", [999, 499])):
         pipe = FewStepClassPipeline(unet=tiny_class_unet(sample_size=SIZE), scheduler=fewstep_scheduler_for(sched.config, tlist))
         save_pipeline_dir(pipe, root / "runs" / name)
-    os.utime(root / "runs" / "old4" / "model_index.json", (1e9, 1e9))
+    for name in ("old4", "one1"):
+        os.utime(root / "runs" / name / "model_index.json", (1e9, 1e9))
     return root / "teacher", root / "runs" / "new2", root / "runs"
 
 
@@ -73,16 +75,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve(demo):
+    """Launch ``demo`` on a free local port; returns its URL."""
+    _, url, share = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                                quiet=True, ssr_mode=False)
+    assert url.startswith("http://127.0.0.1:") and share is None
+    return url
+
+
 @pytest.fixture
 def served(demo_mod, dirs):
     teacher, student, runs = dirs
     demo = demo_mod.build_demo(teacher, runs_dir=runs)         # the student default: newest under runs/
-    _, url, share = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
-                                quiet=True, ssr_mode=False)
-    assert url.startswith("http://127.0.0.1:") and share is None
-    yield url
+    yield serve(demo)
     demo.close()
     gc.collect()   # gradio leaves event loops behind: let their ResourceWarnings fire under this test's filters
+
+
+def slider_props(demo, elem_id: str = "steps") -> dict:
+    """The initial settings of the component with ``elem_id``, as the page receives them."""
+    return next(c["props"] for c in demo.config["components"] if c.get("props", {}).get("elem_id") == elem_id)
 
 
 def test_generate_function_and_messages(demo_mod, dirs):
@@ -136,13 +148,44 @@ def test_http_round_trip_with_gradio_client(served, dirs):
         client.close()
 
 
+def test_one_step_student_serves_and_generates_one_step(demo_mod, dirs):
+    """A one-step student as the start-up student and as a later choice: the page builds (Gradio refuses a
+    1..1 slider), the slider is locked at 1, and generation uses 1 step."""
+    from gradio_client import Client
+
+    teacher, _, runs = dirs
+    one = runs / "one1"
+    demo = demo_mod.build_demo(teacher, one, runs_dir=runs)
+    props = slider_props(demo)
+    assert props["value"] == 1 and props["minimum"] == 1 and props["maximum"] > 1 and props["interactive"] is False
+    assert props["maximum"] == demo_mod.steps_slider(1)["maximum"]
+    url = serve(demo)
+    client = Client(url, verbose=False)
+    try:
+        t, s, msg = client.predict(str(teacher), str(one), 4, "", 1, 3, 2.0, 6, api_name="/generate")
+        assert t["label"].startswith("Teacher · 6 steps ·") and s["label"].startswith("Student · 1 step(s) ·")
+        assert image_size(s["value"]) == (SHOWN, SHOWN)
+        assert "student: 1 step(s)" in msg and "class 4" in msg
+        t, s, msg = client.predict(str(teacher), str(one), 4, "", 2, 3, 2.0, 6, api_name="/generate")
+        assert s["value"] is None and "Student steps must be a whole number between 1 and 1" in msg
+        slider, msg = client.predict(str(one), api_name="/student_info")     # chosen in the dropdown
+        assert (slider["value"], slider["interactive"]) == (1, False) and "1 step(s)" in msg
+        slider, msg = client.predict(str(runs / "old4"), api_name="/student_info")   # unlocked again
+        assert (slider["maximum"], slider["value"], slider["interactive"]) == (4, 4, True)
+    finally:
+        client.close()
+        demo.close()
+        gc.collect()
+
+
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is absent (apt-get install chromium "
                     "chromium-driver)")
-def test_headless_chromium_session(served, tmp_path):
+def test_headless_chromium_session(served, dirs, tmp_path):
     pytest.importorskip("selenium", reason="selenium is not installed (pip install selenium)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -184,5 +227,19 @@ def test_headless_chromium_session(served, tmp_path):
         driver.save_screenshot(str(tmp_path / "demo_error.png"))
         if os.environ.get("FEWSTEP_SCREENSHOT_DIR"):
             shutil.copy(tmp_path / "demo_error.png", Path(os.environ["FEWSTEP_SCREENSHOT_DIR"]) / "demo_error.png")
+
+        # choose the one-step student in the dropdown: the slider locks at 1 and the student samples 1 step
+        one = str(dirs[2] / "one1")
+        choice = driver.find_element(By.CSS_SELECTOR, "#student-dir input")
+        choice.click()
+        choice.send_keys(Keys.CONTROL, "a")
+        choice.send_keys(one, Keys.ENTER)
+        wait.until(lambda d: "trained for 1 step(s)" in d.find_element(By.ID, "message").text)
+        slider = driver.find_element(By.CSS_SELECTOR, "#steps input[type=range]")
+        assert slider.get_attribute("value") == "1" and not slider.is_enabled()
+        submit(6)
+        wait.until(lambda d: "class 6" in d.find_element(By.ID, "message").text)
+        assert "student: 1 step(s)" in driver.find_element(By.ID, "message").text
+        assert "Student · 1 step(s) ·" in driver.page_source and "Traceback" not in driver.page_source
     finally:
         driver.quit()

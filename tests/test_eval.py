@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from PIL import Image
-
 from conftest import tiny_class_unet
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -55,8 +54,10 @@ def conv_unet(seed: int = 0):
 def class_dirs(tmp_path_factory):
     """A 16x16 tiny teacher (DDIM) and a 2-step student (with attention) exported as a self-contained pipeline."""
     from diffusers import DDIMScheduler
+    from fewstep_pipelines import FewStepClassPipeline
 
-    from fewstep_pipelines import FewStepClassPipeline, fewstep_scheduler_for, save_pipeline_dir
+    from fewstep.run.folders import save_pipeline_dir
+    from fewstep.run.schedulers import fewstep_scheduler_for
 
     root = tmp_path_factory.mktemp("models")
     sched = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", clip_sample=False,
@@ -204,8 +205,41 @@ def test_fid_without_inception_weights_fails_fast_with_one_line(tmp_path):
         assert elapsed < 10
 
 
+def test_fid_empty_or_unreadable_images_fail_with_one_line(tmp_path):
+    """An empty folder, a non-image and a truncated PNG among images, a bad .zip member, an empty reference:
+    exit status 2 and one `error:` line naming the folder or file, never a traceback."""
+    import zipfile
+
+    rng = np.random.default_rng(2)
+    good = write_images(tmp_path / "good", rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    bad = tmp_path / "bad"
+    write_images(bad, rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8))
+    (bad / "000001.png").write_bytes(b"not a png")                               # sorted first among the bad
+    (bad / "000002.png").write_bytes(good[0].read_bytes()[:40])                 # truncated
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as z:
+        z.write(good[0], "a.png")
+        z.writestr("b.png", b"broken")
+    cases = [((tmp_path / "empty",), "generated folder " + str(tmp_path / "empty") + " holds no images"),
+             ((bad,), f"{bad / '000001.png'} cannot be read"),
+             ((tmp_path / "imgs.zip",), f"b.png in {tmp_path / 'imgs.zip'} cannot be read"),
+             ((tmp_path / "good", tmp_path / "empty"), "reference folder " + str(tmp_path / "empty") + " holds no"),
+             ((tmp_path / "good", bad), "reference image")]
+    for args, named in cases:
+        res = script("fid", *args, "--features", "digits", "--quiet", timeout=60)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1, res.stderr
+        assert lines[0].startswith("error: ") and named in lines[0], lines[0]
+    res = script("fid", bad, "--features", "digits", "--quiet", timeout=60)
+    assert "(and 1 more unreadable)" in res.stderr and "delete or replace it" in res.stderr
+    res = script("fid", tmp_path / "good", "--features", "digits", "--quiet", "--num", "2", timeout=120)
+    assert res.returncode == 0 and "FD-digits" in res.stdout and "(2 images)" in res.stdout, res.stderr
+
+
 def test_fid_digits_reproduces_digits_eval_score(class_dirs, tmp_path):
-    from fewstep import digits_eval, metrics
+    from fewstep.digits import metrics
+    from fewstep.digits import scoring as digits_eval
 
     _, student = class_dirs
     n = 100
@@ -229,7 +263,7 @@ def test_fid_digits_reproduces_digits_eval_score(class_dirs, tmp_path):
 
 
 def test_generation_is_seed_stable_and_resumable(class_dirs, tmp_path):
-    from fewstep import digits_eval
+    from fewstep.digits import scoring as digits_eval
 
     gen = load_script("generate")
     _, student = class_dirs
@@ -255,7 +289,7 @@ def test_generation_is_seed_stable_and_resumable(class_dirs, tmp_path):
 
 
 def test_generate_text_to_image_prompts_manifest(tmp_path):
-    from fewstep import digits_eval
+    from fewstep.digits import scoring as digits_eval
 
     gen = load_script("generate")
     sd = tiny_sd_pipeline_dir(tmp_path / "sd")
@@ -323,12 +357,21 @@ def test_clip_score_matches_direct_computation(tmp_path):
 # ---------------------------------------------------------------- benchmark.py
 
 
-def test_benchmark_writes_report_and_plots(class_dirs, tmp_path):
+def test_benchmark_writes_report_and_plots(class_dirs, tmp_path, capsys):
     bench = load_script("benchmark")
     teacher, student = class_dirs
     out = tmp_path / "report"
     assert bench.main([str(student), "--teacher", str(teacher), "--out", str(out), "--samples", "20", "--seeds", "0",
                        "--teacher-steps", "1", "--batch", "4", "--repeats", "1", "--latency-repeats", "1"]) == 0
+    # one progress line per phase on stderr (never minutes of silence), the last naming what was written
+    progress = capsys.readouterr().err.strip().splitlines()
+    assert all(line.startswith("[") and " s] " in line for line in progress), progress
+    phases = " | ".join(progress)
+    for phase in (f"teacher {teacher} at 1 step(s)", f"teacher {teacher} at 50 step(s)", f"student {student} at 2",
+                  "student: images/s", "teacher 50 steps: images/s", f"plots and sample grid into {out}"):
+        assert phase in phases, (phase, progress)
+    assert str(out / "report.md") in progress[-1] and str(out / "report.json") in progress[-1]
+    assert "samples.png" in progress[-1]
     for name in ("report.md", "report.json", "quality_vs_nfe.png", "throughput.png", "samples.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     report = json.loads((out / "report.json").read_text())
@@ -345,11 +388,16 @@ def test_benchmark_writes_report_and_plots(class_dirs, tmp_path):
     assert image_size(out / "samples.png")[0] > 500
 
 
-def test_methods_table_from_run_metrics(tmp_path):
-    bench = load_script("benchmark")
+def test_methods_table_from_run_metrics(tmp_path, capsys):
+    """Rows are method x steps x teacher: a text-to-image run and a run of another teacher are never pooled with
+    the digits runs, a copy of a run counts once, and every folder left out is named on stderr with the reason."""
+    import shutil
 
-    def run(name, method, steps, fd, updates, seconds=None):
-        d = tmp_path / "runs" / name
+    bench = load_script("benchmark")
+    runs = tmp_path / "runs"
+
+    def run(name, method, steps, fd, updates, seconds=None, teacher=""):
+        d = runs / name
         d.mkdir(parents=True)
         m = {"student": {"accuracy": 0.9, "fd_digits": fd, "fd_digits_std": 0.1, "steps": steps},
              "teacher": {"fd_digits": 2.0}, "fd_ratio_to_teacher": fd / 2.0,
@@ -357,18 +405,45 @@ def test_methods_table_from_run_metrics(tmp_path):
         if seconds is not None:
             m["train_seconds"] = seconds
         (d / "metrics.json").write_text(json.dumps(m))
-        (d / "config.json").write_text(json.dumps({"method_name": method}))
+        source = "prompts" if teacher == "digits_t2i" else "digits"
+        (d / "config.json").write_text(json.dumps({"method_name": method, "model": {"teacher": teacher},
+                                                   "data": {"source": source}}))
+        return d
 
     run("a", "dmd2", 1, 3.0, 100, 60.0)
     run("b", "dmd2", 1, 5.0, 100, 80.0)
     run("c", "dmd2", 4, 2.5, 200, 90.0)
     run("d", "sid", 1, 4.0, 300)
-    assert bench.main(["--methods-table", str(tmp_path / "runs"), "--out", str(tmp_path / "tab")]) == 0
+    run("t2i", "dmd2", 1, 9.0, 100, 50.0, teacher="digits_t2i")            # a text-to-image digits run
+    run("other", "dmd2", 1, 7.0, 100, 40.0, teacher="/models/my_teacher")   # another teacher
+    shutil.copytree(runs / "a", runs / "a_copy")                            # the same run twice
+    (runs / "unfinished").mkdir()
+    (runs / "unfinished" / "config.json").write_text(json.dumps({"method_name": "dmd2"}))
+    (runs / "no_config").mkdir()
+    (runs / "no_config" / "metrics.json").write_text((runs / "a" / "metrics.json").read_text())
+    run("broken", "dmd2", 1, 1.0, 100)
+    (runs / "broken" / "metrics.json").write_text('{"student": ')
+    folders = [str(d) for d in sorted(runs.iterdir())]                   # as the shell expands runs/*
+    assert bench.main(["--methods-table", *folders, "--out", str(tmp_path / "tab")]) == 0
+    out, err = capsys.readouterr()
     rows = json.loads((tmp_path / "tab" / "methods.json").read_text())["rows"]
-    by = {(r["method"], r["steps"]): r for r in rows}
-    assert set(by) == {("dmd2", 1), ("dmd2", 4), ("sid", 1)}
-    assert by[("dmd2", 1)]["runs"] == 2 and by[("dmd2", 1)]["fd_ratio"] == pytest.approx(2.0)
-    assert by[("dmd2", 1)]["fd_ratio_spread"] == pytest.approx(0.5)
-    assert by[("dmd2", 1)]["wall_seconds"] == pytest.approx(70.0)
-    assert by[("dmd2", 4)]["generator_updates"] == 200 and by[("sid", 1)]["wall_seconds"] is None
-    assert "| dmd2 | 1 | 2 |" in (tmp_path / "tab" / "methods.md").read_text()
+    by = {(r["method"], r["steps"], r["teacher"]): r for r in rows}
+    digits = bench.BUNDLED_TEACHER
+    assert set(by) == {("dmd2", 1, digits), ("dmd2", 4, digits), ("sid", 1, digits), ("dmd2", 1, "digits_t2i"),
+                       ("dmd2", 1, "/models/my_teacher")}
+    pooled = by[("dmd2", 1, digits)]
+    assert pooled["runs"] == 2 and sorted(Path(d).name for d in pooled["run_dirs"]) == ["a", "b"]
+    assert pooled["fd_ratio"] == pytest.approx(2.0) and pooled["fd_ratio_spread"] == pytest.approx(0.5)
+    assert pooled["wall_seconds"] == pytest.approx(70.0)
+    assert by[("dmd2", 1, "digits_t2i")]["runs"] == 1 and by[("dmd2", 1, "digits_t2i")]["fd_ratio"] == 4.5
+    assert by[("dmd2", 4, digits)]["generator_updates"] == 200 and by[("sid", 1, digits)]["wall_seconds"] is None
+    md = (tmp_path / "tab" / "methods.md").read_text()
+    assert f"| dmd2 | 1 | {digits} | 2 |" in md and "| dmd2 | 1 | digits_t2i | 1 |" in md
+    skipped = {line.split(":")[0].removeprefix("skipped "): line for line in err.splitlines()
+               if line.startswith("skipped ")}
+    assert set(skipped) == {str(runs / n) for n in ("a_copy", "unfinished", "no_config", "broken")}, err
+    assert "no metrics.json" in skipped[str(runs / "unfinished")]
+    assert "no config.json" in skipped[str(runs / "no_config")]
+    assert "unreadable metrics.json" in skipped[str(runs / "broken")]
+    assert f"same metrics.json as {runs / 'a'}" in skipped[str(runs / "a_copy")]
+    assert str(tmp_path / "tab" / "methods.md") in out

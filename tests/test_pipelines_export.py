@@ -1,12 +1,17 @@
 """Tests for fewstep_pipelines: FewStepScheduler maths against stock diffusers schedulers, the
 class-conditional pipeline, and export/reload in a Python where fewstep cannot be imported."""
 
+import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
+import fewstep_pipelines
+import numpy as np
 import pytest
 import torch
 from diffusers import (
@@ -15,8 +20,10 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     UNet2DModel,
 )
+from fewstep_pipelines import FewStepClassPipeline, FewStepScheduler
 
-from fewstep_pipelines import FewStepClassPipeline, FewStepScheduler, fewstep_scheduler_for, save_pipeline_dir
+from fewstep.run.folders import save_pipeline_dir
+from fewstep.run.schedulers import fewstep_scheduler_for
 
 torch.set_num_threads(1)
 
@@ -25,7 +32,7 @@ TLIST = [999, 749, 499, 249]
 NUM_CLASSES = 10
 
 
-def tiny_unet():
+def tiny_unet(num_class_embeds=NUM_CLASSES + 1):
     torch.manual_seed(0)
     return UNet2DModel(
         sample_size=8,
@@ -36,7 +43,7 @@ def tiny_unet():
         down_block_types=("DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D"),
         norm_num_groups=4,
-        num_class_embeds=NUM_CLASSES + 1,
+        num_class_embeds=num_class_embeds,
     ).eval()
 
 
@@ -188,8 +195,21 @@ def test_output_types_and_teacher_scheduler(pipe):
 # ------------------------------------------------------------------ (e) export and reload without fewstep
 
 CALLS = {"student": [(1, 1.0), (4, 1.0), (4, 2.0)], "teacher": [(5, 1.5)]}
-RELOAD_SCRIPT = f"CALLS = {CALLS!r}\n" + textwrap.dedent(
+
+
+def sample(pipe, steps, w):
+    """Two images as a [2, C, H, W] tensor: classes 3 and 7 from a class pipeline, else an unconditional
+    stock pipeline's batch of two (DDPMPipeline has no guidance; w is ignored there)."""
+    gen = torch.Generator().manual_seed(0)
+    if hasattr(pipe, "num_classes"):
+        return pipe([3, 7], num_inference_steps=steps, guidance_scale=w, generator=gen, output_type="pt").images
+    images = pipe(batch_size=2, num_inference_steps=steps, generator=gen, output_type="np").images
+    return torch.from_numpy(images).permute(0, 3, 1, 2)
+
+
+RELOAD_SCRIPT = textwrap.dedent(
     """
+    import json
     import sys
 
     class BlockFewstep:
@@ -209,20 +229,40 @@ RELOAD_SCRIPT = f"CALLS = {CALLS!r}\n" + textwrap.dedent(
         raise SystemExit("fewstep_pipelines must not be importable here")
     except ImportError:
         pass
-
+    """
+) + inspect.getsource(sample) + textwrap.dedent(
+    """
+    spec = json.loads(sys.argv[1])
     out = {}
-    for name, folder in (("student", sys.argv[1]), ("teacher", sys.argv[2])):
+    for name, (folder, calls) in spec["folders"].items():
         pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
         pipe.set_progress_bar_config(disable=True)
         out[name, "pipeline"] = type(pipe).__module__ + "." + type(pipe).__name__
         out[name, "scheduler"] = type(pipe.scheduler).__module__ + "." + type(pipe.scheduler).__name__
-        for steps, w in CALLS[name]:
-            out[name, steps, w] = pipe([3, 7], num_inference_steps=steps, guidance_scale=w,
-                                       generator=torch.Generator().manual_seed(0), output_type="pt").images
+        for steps, w in calls:
+            out[name, steps, w] = sample(pipe, steps, w)
     out["fewstep_modules"] = sorted(m for m in sys.modules if m.split(".")[0] in ("fewstep", "fewstep_pipelines"))
-    torch.save(out, sys.argv[3])
+    torch.save(out, spec["result"])
     """
 )
+
+
+def reload_without_fewstep(tmp_path, folders):
+    """Load each folder of ``{name: (folder, [(steps, w), ...])}`` in a fresh Python that cannot import fewstep
+    (nor fewstep_pipelines), sample each call there, and return what it recorded."""
+    work = tmp_path / "elsewhere"
+    work.mkdir(exist_ok=True)
+    (work / "reload.py").write_text(RELOAD_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
+    result_file = tmp_path / "reloaded.pt"
+    spec = {"result": str(result_file), "folders": {k: (str(f), c) for k, (f, c) in folders.items()}}
+    proc = subprocess.run([sys.executable, "reload.py", json.dumps(spec)], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(result_file)
+    assert got["fewstep_modules"] == []
+    return got
 
 
 def test_export_reloads_without_fewstep(pipe, tmp_path):
@@ -247,27 +287,64 @@ def test_export_reloads_without_fewstep(pipe, tmp_path):
     assert index["_class_name"] == ["pipeline_fewstep", "FewStepClassPipeline"]
     assert index["scheduler"] == ["scheduling_fewstep", "FewStepScheduler"]
 
-    work = tmp_path / "elsewhere"
-    work.mkdir()
-    (work / "reload.py").write_text(RELOAD_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
-    result_file = tmp_path / "reloaded.pt"
-    proc = subprocess.run(
-        [sys.executable, "reload.py", str(out_dir), str(teacher_dir), str(result_file)],
-        cwd=work, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = torch.load(result_file)
-    assert got["fewstep_modules"] == []
+    got = reload_without_fewstep(tmp_path, {"student": (out_dir, CALLS["student"]),
+                                            "teacher": (teacher_dir, CALLS["teacher"])})
     assert got["student", "pipeline"] == "diffusers_modules.local.pipeline_fewstep.FewStepClassPipeline"
     assert got["student", "scheduler"] == "diffusers_modules.local.scheduling_fewstep.FewStepScheduler"
     assert got["teacher", "scheduler"].endswith("DDIMScheduler")
     for name, model in (("student", pipe), ("teacher", teacher)):
         for steps, w in CALLS[name]:
-            ref = model([3, 7], num_inference_steps=steps, guidance_scale=w,
-                        generator=torch.Generator().manual_seed(0), output_type="pt").images
-            torch.testing.assert_close(got[name, steps, w], ref, rtol=0, atol=1e-6)
+            torch.testing.assert_close(got[name, steps, w], sample(model, steps, w), rtol=0, atol=1e-6)
+
+
+def test_save_pretrained_writes_folders_that_reload_without_fewstep(pipe, tmp_path):
+    """save_pretrained of an exported student reloaded with trust_remote_code, of the in-memory student and
+    teacher, and of a stock pipeline (DDPMPipeline) holding a FewStepScheduler, before and after a reload: each
+    folder carries the custom code and loads in a Python without fewstep, with the same images."""
+    from diffusers import DDPMPipeline, DiffusionPipeline
+
+    pipelines_dir = Path(fewstep_pipelines.__file__).parent
+    teacher = FewStepClassPipeline(unet=pipe.unet, scheduler=DDIMScheduler.from_config(teacher_config()))
+    stock = DDPMPipeline(unet=tiny_unet(num_class_embeds=None),
+                         scheduler=fewstep_scheduler_for(teacher_config(), TLIST))
+    stock.set_progress_bar_config(disable=True)
+    exported = save_pipeline_dir(pipe, tmp_path / "exported")
+    pipe.save_pretrained(tmp_path / "saved")
+    teacher.save_pretrained(tmp_path / "teacher")
+    stock.save_pretrained(tmp_path / "stock")
+    for src, dst in ((exported, "resaved"), (tmp_path / "stock", "stock_resaved")):
+        reloaded = DiffusionPipeline.from_pretrained(src, trust_remote_code=True)
+        assert type(reloaded.scheduler).__module__.startswith("diffusers_modules.")   # the folder's own copy
+        reloaded.save_pretrained(tmp_path / dst)
+
+    student_calls, stock_calls = CALLS["student"][:2], [(4, 1.0), (2, 1.0)]
+    folders = {"resaved": (tmp_path / "resaved", student_calls), "saved": (tmp_path / "saved", student_calls),
+               "teacher": (tmp_path / "teacher", CALLS["teacher"]), "stock": (tmp_path / "stock", stock_calls),
+               "stock_resaved": (tmp_path / "stock_resaved", stock_calls)}
+    for name, (folder, _) in folders.items():
+        index = json.loads((folder / "model_index.json").read_text())
+        if name.startswith("stock"):
+            assert index["_class_name"] == "DDPMPipeline"
+        else:
+            assert "_name_or_path" not in index, name      # the folder it was loaded from means nothing elsewhere
+            assert index["_class_name"] == ["pipeline_fewstep", "FewStepClassPipeline"], name
+            assert (folder / "pipeline_fewstep.py").read_bytes() == (pipelines_dir / "pipeline_fewstep.py").read_bytes()
+        if name == "teacher":
+            assert index["scheduler"] == ["diffusers", "DDIMScheduler"]
+            assert not (folder / "scheduler" / "scheduling_fewstep.py").exists()
+        else:
+            assert index["scheduler"] == ["scheduling_fewstep", "FewStepScheduler"], name
+            copied = (folder / "scheduler" / "scheduling_fewstep.py").read_bytes()
+            assert copied == (pipelines_dir / "scheduling_fewstep.py").read_bytes(), name
+
+    got = reload_without_fewstep(tmp_path, folders)
+    assert got["resaved", "pipeline"] == "diffusers_modules.local.pipeline_fewstep.FewStepClassPipeline"
+    assert got["stock", "pipeline"].endswith("DDPMPipeline")
+    assert got["stock_resaved", "scheduler"] == "diffusers_modules.local.scheduling_fewstep.FewStepScheduler"
+    refs = {"resaved": pipe, "saved": pipe, "teacher": teacher, "stock": stock, "stock_resaved": stock}
+    for name, (_, calls) in folders.items():
+        for steps, w in calls:
+            torch.testing.assert_close(got[name, steps, w], sample(refs[name], steps, w), rtol=0, atol=1e-6)
 
 
 # ------------------------------------------------------------------ (f) export refuses non-empty folders
@@ -307,3 +384,68 @@ def test_export_refuses_non_empty_folder(pipe, tmp_path):
 def test_bad_arguments_raise_clear_errors(pipe, kwargs, named):
     with pytest.raises(ValueError, match=named):
         pipe(**kwargs)
+
+
+# ------------------------------------------------------------------ (h) label types and explicit timesteps
+
+
+def test_class_labels_accept_numpy_arrays_and_ranges(pipe):
+    ref = sample(pipe, 4, 1.0)                                        # the labels [3, 7] as a list
+    for labels in (np.array([3, 7]), np.array([[3], [7]], dtype=np.int32), range(3, 8, 4), (3, 7),
+                   torch.tensor([3, 7])):
+        out = pipe(labels, generator=torch.Generator().manual_seed(0), output_type="pt").images
+        assert torch.equal(out, ref), labels
+    one = pipe(np.int64(3), generator=gens([0]), output_type="pt").images
+    torch.testing.assert_close(one, pipe([3], generator=gens([0]), output_type="pt").images, rtol=0, atol=0)
+    for bad, named in ((np.array([0.5]), "float64"), (np.array([True]), "bool"), (np.array([3, 10]), "class label 10"),
+                       (range(0), "empty"), (range(8, 12), "class label 10")):
+        with pytest.raises(ValueError, match=named):
+            pipe(bad)
+
+
+def test_explicit_timesteps_suggested_by_the_scheduler_are_accepted(pipe):
+    """The scheduler's error for too many steps suggests `timesteps=[...]`: FewStepClassPipeline takes it,
+    and every pipeline the hints name takes the keyword they name for it."""
+    import diffusers
+
+    with pytest.raises(ValueError, match=r"num_inference_steps=5 exceeds") as err:
+        pipe(3, num_inference_steps=5)
+    assert "timesteps=[...]" in str(err.value)
+    out = pipe([3, 7], timesteps=[999, 800, 600, 400, 200], generator=gens([0, 1]), output_type="pt").images
+    assert pipe.scheduler.timesteps.tolist() == [999, 800, 600, 400, 200] and out.shape == (2, 1, 8, 8)
+    same = pipe([3, 7], num_inference_steps=5, timesteps=[999, 800, 600, 400, 200], generator=gens([0, 1]),
+                output_type="pt").images
+    torch.testing.assert_close(same, out, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="disagrees"):
+        pipe(3, num_inference_steps=2, timesteps=[999, 499, 249])
+    teacher = FewStepClassPipeline(unet=pipe.unet, scheduler=DDIMScheduler.from_config(teacher_config()))
+    with pytest.raises(ValueError, match=r"timesteps=\[999, 499\] is not supported by DDIMScheduler.*num_inference"):
+        teacher(3, timesteps=[999, 499])
+
+    vp, flow = FewStepScheduler(train_timesteps=TLIST), fewstep_scheduler_for(FlowMatchEulerDiscreteScheduler().config,
+                                                                               [1000.0, 500.0])
+    messages = []
+    calls = ((vp, {"num_inference_steps": 5}), (vp, {"sigmas": [1.0]}), (flow, {"num_inference_steps": 3}),
+             (FewStepScheduler(), {}))
+    for sched, call in calls:
+        with pytest.raises(ValueError) as e:
+            sched.set_timesteps(**call)
+        messages.append(str(e.value))
+    for message in messages:
+        named = hinted_keywords(message)
+        assert "FewStepClassPipeline" in named or "FluxPipeline" in named, message
+        for name, keyword in named.items():
+            cls = FewStepClassPipeline if name == "FewStepClassPipeline" else getattr(diffusers, name)
+            assert keyword in inspect.signature(cls.__call__).parameters, \
+                f"{name}.__call__ has no {keyword}=; the hint says it does: {message}"
+
+
+def hinted_keywords(message):
+    """{pipeline class: keyword} for each "(APipeline, BPipeline ...)" in a hint: the last `keyword=[` before it."""
+    out = {}
+    for group in re.finditer(r"\(([^)]*)\)", message):
+        names = re.findall(r"\b\w+Pipeline\b", group.group(1))
+        if names:
+            keyword = re.findall(r"(\w+)=\[", message[:group.start()])[-1]
+            out.update(dict.fromkeys(names, keyword))
+    return out
