@@ -130,6 +130,9 @@ def test_preset_distills_and_exports_a_stock_if_pipeline(cache, tmp_path):
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["variance_type"] == "learned_range"
     card = (out / "README.md").read_text()
     assert "IFPipeline.from_pretrained" in card and 'pipe("a handwritten seven", num_inference_steps=1' in card
+    assert "VAE" not in card and "text encoder and tokenizer" in card       # a pixel pipeline: no VAE
+    grid_prompts = next((out / "samples").glob("*.txt")).read_text().split("\n")[:4]
+    assert len({D.parse_digit(p) for p in grid_prompts}) == 4, grid_prompts   # four different digits in the grid
     result = tmp_path / "reloaded.pt"
     r = subprocess.run([sys.executable, "-c", RELOAD, str(out), str(result), *PROMPTS], cwd=tmp_path,
                        env={**os.environ, "PYTHONPATH": ""}, capture_output=True, text=True, timeout=300)

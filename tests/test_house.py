@@ -95,19 +95,22 @@ def test_every_impossible_combination_is_refused_before_any_work(name, args, nee
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
-def test_refusal_is_one_line_exit_2_and_deletes_nothing(tmp_path, tiny_teacher_dir):
-    """Through the entry script, with overwrite on and a previous run in the folder: the run is kept."""
+def test_refusal_is_one_line_exit_2_and_deletes_nothing(tmp_path, tiny_teacher_dir, capsys):
+    """Through the entry point, with overwrite on and a previous run in the folder: the run is kept."""
+    from test_reliability import main, one_line_error
+
     out = tmp_path / "run"
     common = ["--model.teacher", str(tiny_teacher_dir), "--train.output_dir", str(out), "--train.evaluate", "false",
               "--data.batch_size", "2", "--train.max_steps", "1"]
-    assert script("dmd2", *common).returncode == 0
+    assert main(common, capsys).returncode == 0
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
-    for bad in (["--model.gan_head", "false"], ["--model.teacher", str(tmp_path / "typo")], ["--dry-run"]):
-        r = script("dmd2", *common, "--train.overwrite", "true", *bad)
-        if bad != ["--dry-run"]:
-            lines = r.stderr.strip().splitlines()
-            assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for bad in (["--model.gan_head", "false"], ["--model.teacher", str(tmp_path / "typo")]):
+        one_line_error(main([*common, "--train.overwrite", "true", *bad], capsys))
         assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert main([*common, "--train.overwrite", "true", "--dry-run"], capsys).returncode == 0
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    r = script("dmd2", *common, "--train.overwrite", "true", "--model.gan_head", "false")   # the script itself
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
 
 
 # ------------------------------------------------------------------------------------------ --help
@@ -193,11 +196,28 @@ def test_update_counters_survive_a_resume(tiny_teacher_dir, tmp_path):
 
 def test_threads_follow_omp_num_threads_else_the_physical_cores(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert not cli.accelerate_defaulted_threads()          # this process was not started by accelerate launch
     assert cli.threads() == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
     usable = len(os.sched_getaffinity(0))
     assert 1 <= cli.threads() <= usable
     assert cli.threads() == min(cli.physical_cores() or usable, usable)
+
+
+def test_the_one_thread_accelerate_launch_passes_by_default_is_not_taken_as_asked(tmp_path):
+    """``accelerate launch`` gives its script OMP_NUM_THREADS=1 unless told otherwise: the script then uses the
+    physical cores; with the user's own OMP_NUM_THREADS (or --num_cpu_threads_per_process) it keeps that."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("from fewstep.run import cli\nprint(cli.threads(), cli.accelerate_defaulted_threads())\n")
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1", "--num_machines",
+              "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run([*launch, str(probe)], env=env, capture_output=True, text=True, timeout=120).stdout.split()
+    usable = len(os.sched_getaffinity(0))
+    assert out == [str(min(cli.physical_cores() or usable, usable)), "True"]
+    out = subprocess.run([*launch, str(probe)], env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=120).stdout.split()
+    assert out == ["1", "False"]
 
 
 def test_teacher_script_regenerates_the_whole_committed_folder(tmp_path):

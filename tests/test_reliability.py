@@ -153,7 +153,7 @@ def test_faults_in_turn_end_with_the_uninterrupted_weights(tiny_teacher_dir, tmp
     """One run is interrupted by SIGINT, then SIGTERM, then a full disk during a checkpoint write, then a corrupt
     newest checkpoint, then SIGKILL; each time it ends with one line saying what to do, and the resumed run ends
     with the same final weights as an uninterrupted one."""
-    steps = 60
+    steps = 40
     args = lambda out: common(tiny_teacher_dir, out, steps, "--train.checkpoint_every", "2")  # noqa: E731
     assert run(args(tmp_path / "ref")).returncode == 0
     out = tmp_path / "faulty"
@@ -269,3 +269,22 @@ def test_prompts_that_are_not_utf8_are_a_one_line_error(tmp_path):
     with pytest.raises(ConfigError, match="is not UTF-8 text") as e:
         read_prompts(str(path))
     assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_speedup_is_measured_interleaved_with_its_spread():
+    """The student/teacher speed ratio comes from alternating timed calls in one process: median and range."""
+    from conftest import tiny_class_unet
+    from diffusers import DDIMScheduler
+    from fewstep_pipelines import FewStepClassPipeline, FewStepScheduler
+
+    from fewstep.digits.scoring import speedup
+
+    unet = tiny_class_unet()
+    student = FewStepClassPipeline(unet=unet, scheduler=FewStepScheduler(beta_schedule="squaredcos_cap_v2",
+                                   prediction_type="v_prediction", train_timesteps=[999]))
+    teacher = FewStepClassPipeline(unet=unet, scheduler=DDIMScheduler(beta_schedule="squaredcos_cap_v2",
+                                   prediction_type="v_prediction", timestep_spacing="trailing"))
+    for pipe in (student, teacher):
+        pipe.set_progress_bar_config(disable=True)
+    r = speedup(student, teacher, teacher_steps=8, guidance_scale=2.0, batch=4, repeats=3)
+    assert r["speedup_min"] <= r["speedup"] <= r["speedup_max"] and r["speedup"] > 4      # 16 NFE vs 1

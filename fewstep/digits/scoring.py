@@ -85,6 +85,29 @@ def throughput(pipe, steps: int | None = None, guidance_scale: float = 1.0, batc
             "images_per_s_max": max(rates), "batch": batch, "repeats": repeats}
 
 
+def speedup(student, teacher, teacher_steps: int = 50, guidance_scale: float = 2.0, batch: int = 100,
+            repeats: int = 3) -> dict:
+    """The student's images/s over the teacher's, measured interleaved in this process (student, teacher, student,
+    ...) so that load on the machine hits both alike: the median ratio of each pair and its spread."""
+    labels = (torch.arange(batch) % 10).tolist()
+
+    def timed(pipe, **kw) -> float:
+        t0 = time.perf_counter()
+        pipe(labels, generator=torch.Generator().manual_seed(0), output_type="pt", **kw)
+        return time.perf_counter() - t0
+
+    timed(student)                                                           # warm-up, both
+    timed(teacher, num_inference_steps=teacher_steps, guidance_scale=guidance_scale)
+    pairs = [(timed(student), timed(teacher, num_inference_steps=teacher_steps, guidance_scale=guidance_scale))
+             for _ in range(repeats)]
+    ratios = [t / s for s, t in pairs]
+    return {"speedup": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
+            "student_images_per_s": statistics.median(batch / s for s, _ in pairs),
+            "teacher_images_per_s": statistics.median(batch / t for _, t in pairs), "batch": batch,
+            "repeats": repeats, "teacher_steps": teacher_steps, "teacher_guidance_scale": guidance_scale,
+            "note": "interleaved in one process; ratio of each student/teacher pair, median and range"}
+
+
 def peak_memory_mb() -> float:
     """Peak resident memory of this process in MB (CPU), or the CUDA peak when on GPU."""
     if torch.cuda.is_available():

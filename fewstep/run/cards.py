@@ -46,6 +46,15 @@ def _call_args(cfg: RunConfig, teacher) -> str:
     return ", ".join(args)
 
 
+def _components(teacher) -> str:
+    """What the exported folder keeps of the teacher, in words (a pixel-space pipeline has no VAE)."""
+    parts = ["text encoders" if getattr(teacher.pipe, "text_encoder_2", None) is not None else "text encoder",
+             "tokenizers" if getattr(teacher.pipe, "tokenizer_2", None) is not None else "tokenizer"]
+    if getattr(teacher.pipe, "vae", None) is not None:
+        parts.append("VAE")
+    return ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
 def t2i_model_card(cfg: RunConfig, teacher, sched, has_lora: bool) -> str:
     """README.md of a text-to-image student: what it is and how to load it (full pipeline or LoRA)."""
     ts, K = list(cfg.model.student_timesteps), len(cfg.model.student_timesteps)
@@ -92,7 +101,7 @@ tags: [fewstep, distillation, {cfg.method_name}]
 
 Distilled with [fewstep](https://pypi.org/project/fewstep/) (method `{cfg.method_name}`, preset `{cfg.preset}`,
 mode `{cfg.model.mode}`) in {cfg.train.max_steps} training steps. This folder is a stock `{pipe_cls}`: the teacher's
-text encoders, tokenizers and VAE, the student's {teacher.folder} and a `{sched_cls}`{how}
+{_components(teacher)}, the student's {teacher.folder} and a `{sched_cls}`{how}
 that samples exactly as fewstep does: predict x0, then re-noise to the next timestep.
 
 - Student steps: {K} (timesteps {ts}); fewer steps take an evenly strided subset of them.

@@ -65,11 +65,28 @@ def physical_cores() -> int:
     return len(pairs)
 
 
+def accelerate_defaulted_threads() -> bool:
+    """Whether ``OMP_NUM_THREADS`` was set by ``accelerate launch`` on its own rather than asked for: its single
+    process launcher passes 1 unless the user set the variable or ``--num_cpu_threads_per_process``. Read from the
+    launcher's own command line and environment (Linux /proc); False wherever that cannot be read."""
+    try:
+        parent = Path("/proc") / str(os.getppid())
+        cmd = (parent / "cmdline").read_bytes().split(b"\0")
+        env = (parent / "environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    launch = any(Path(c.decode(errors="replace")).name == "accelerate" for c in cmd) and b"launch" in cmd
+    asked = any(e.startswith(b"OMP_NUM_THREADS=") for e in env) or \
+        any(c.startswith(b"--num_cpu_threads_per_process") for c in cmd)
+    return launch and not asked
+
+
 def threads() -> int:
-    """Torch's CPU threads: ``OMP_NUM_THREADS`` when set, else the physical cores this process may use
+    """Torch's CPU threads: ``OMP_NUM_THREADS`` when the user set it, else the physical cores this process may use
     (a hyperthread sibling busy with the same work slows torch down)."""
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and not accelerate_defaulted_threads():
+        return max(1, int(omp))
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(physical_cores() or usable, usable))
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -44,14 +45,16 @@ def write_metrics(cfg: RunConfig, result: dict) -> dict:
     student = digits_eval.load_pipeline(out)
     teacher_dir = teacher_path(cfg.model.teacher)
     ref = teacher_reference(teacher_dir, cfg.train.eval_samples)
+    print(f"scoring {cfg.train.eval_samples} student samples x 3 seeds ...", file=sys.stderr)
     s = digits_eval.score(student, cfg.train.eval_samples)
-    speed_s = digits_eval.throughput(student)
-    speed_t = digits_eval.throughput(digits_eval.load_pipeline(teacher_dir), steps=50, guidance_scale=2.0)
-    m = {"student": {**s, **speed_s, "steps": len(cfg.model.student_timesteps), "nfe": len(cfg.model.student_timesteps)},
-         "teacher": {**ref, **speed_t, "nfe": 100},
+    print("measuring the speed-up over the teacher (interleaved) ...", file=sys.stderr)
+    speed = digits_eval.speedup(student, digits_eval.load_pipeline(teacher_dir), teacher_steps=50, guidance_scale=2.0)
+    K = len(cfg.model.student_timesteps)
+    m = {"student": {**s, "images_per_s": speed["student_images_per_s"], "steps": K, "nfe": K},
+         "teacher": {**ref, "images_per_s": speed["teacher_images_per_s"], "nfe": 100},
          "fd_ratio_to_teacher": s["fd_digits"] / ref["fd_digits"],
          "fd_ratio_to_teacher_one_step": s["fd_digits"] / ref["one_step_fd_digits"],
-         "speedup_images_per_s": speed_s["images_per_s"] / speed_t["images_per_s"],
+         "speedup_images_per_s": speed["speedup"], "speed": speed,
          "updates": result["updates"], "steps": result["step"], "train_seconds": result.get("train_seconds"),
          "eval_seconds": time.perf_counter() - t0,
          "note": "FD-digits is a Frechet distance in the bundled digits net's feature space, not FID."}

@@ -278,9 +278,10 @@ class PromptSource:
                      x0_real=torch.stack([self.latent(i) for i in real]), cond_real=cond_real, seeds=seeds)
 
     def preview(self, n: int = 4) -> tuple[list[str], Cond]:
-        """The first ``n`` prompts (cycled) and their cond, for sample grids."""
+        """``n`` prompts spread evenly over the prompt list (a list sorted by subject would otherwise show one
+        subject n times) and their cond, for sample grids."""
         pool = [self.captions[i] for i in range(len(self.images))] if self.paired else self.prompts
-        prompts = [pool[i % len(pool)] for i in range(n)]
+        prompts = [pool[(i * len(pool)) // n % len(pool)] for i in range(n)]
         return prompts, Cond.cat(*[self.cond(p) for p in prompts])
 
 
