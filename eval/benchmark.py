@@ -320,7 +320,7 @@ def benchmark(args) -> dict:
             "seconds": time.perf_counter() - t0}
 
 
-# ---------------------------------------------------------------- methods table (issue 3)
+# ---------------------------------------------------------------- methods table
 
 
 class SkipRun(Exception):

@@ -77,7 +77,7 @@ BAD = [  # (script, arguments, what the one line must say)
     ("dmd2", ["--data.source", "prompts"], "data.source prompts needs data.prompts"),
     ("fdistill", ["--preset", "sd15_fdistill", "--data.images", ""], "compares with real images and data.source"),
     ("fdistill", ["--method.divergence", "nope"], "method.divergence 'nope' is not known"),
-    ("sid", ["--method.gan_weight_student", "0.1"], "(SiDA) needs a discriminator head"),
+    ("sid", ["--method.gan_weight_student", "0.1"], "needs a discriminator head (SiDA's discriminator)"),
     ("sid", ["--method.lsg", "half"], "method.lsg 'half' is not known"),
     ("phased_dmd", ["--model.mode", "lora"], "set model.mode full"),
     ("phased_dmd", ["--method.phases", "9"], "method.phases 9: need 1..4 phases"),

@@ -1,4 +1,4 @@
-"""Prompt encoder and latent codec taken from a stock diffusers pipeline (DESIGN.md sections 2 and 7).
+"""Prompt encoder and latent codec taken from a stock diffusers pipeline.
 
 ``PromptEncoder(pipe)`` calls the pipeline's own ``encode_prompt`` with the arguments its ``__call__``
 passes by default (sequence lengths, CLIP skip, caption cleaning, Sana's complex human instruction) and

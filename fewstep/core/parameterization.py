@@ -2,7 +2,7 @@
 
 diffusers' vocabulary: ``sample`` (x0), ``epsilon``, ``v_prediction`` (``v = alpha eps - sigma x0``,
 Salimans & Ho 2022, arXiv 2202.00512) and ``flow_prediction`` (``u = alpha' x0 + sigma' eps``, the
-time derivative of ``x_t``; for rectified flow ``u = eps - x0``). x0 is the pivot (DESIGN.md section 3):
+time derivative of ``x_t``; for rectified flow ``u = eps - x0``). x0 is the pivot:
 
     x0 = (sigma' x_t - sigma u) / (sigma' alpha - sigma alpha')
     x0 = (alpha x_t - sigma v) / (alpha^2 + sigma^2)

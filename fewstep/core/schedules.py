@@ -1,7 +1,7 @@
 """Noise processes in continuous time.
 
 Every process is ``x_t = alpha(t) * x0 + sigma(t) * eps`` with ``t`` in [0, 1] and ``t = 1`` the
-noise end (DESIGN.md section 3). Derivatives ``d_alpha``/``d_sigma`` let flow-matching outputs
+noise end. Derivatives ``d_alpha``/``d_sigma`` let flow-matching outputs
 ``u = alpha' x0 + sigma' eps`` convert through x0 (see ``parameterization.py``).
 
 ``timestep(t)`` maps continuous time to the value a stock diffusers pipeline feeds the backbone

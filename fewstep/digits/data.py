@@ -1,7 +1,7 @@
 """The bundled digits data: scikit-learn's handwritten digits, upsampled, in [-1, 1].
 
 `sklearn.datasets.load_digits()` ships 1,797 labelled 8x8 images with 17 grey levels (0..16) inside the
-scikit-learn wheel, so the default teacher, classifier and students need no network (DESIGN.md section 6).
+scikit-learn wheel, so the default teacher, classifier and students need no network.
 Images are mapped linearly to [-1, 1] (0 -> -1, 16 -> 1) and upsampled bilinearly with
 `align_corners=False` and no antialiasing, so the result is a fixed, deterministic function of the data.
 """

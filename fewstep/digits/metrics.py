@@ -168,22 +168,7 @@ def train_digits_net(x0: torch.Tensor, labels: torch.Tensor, steps: int = 1500, 
                      lr: float = 2e-3, max_shift: int = 2, seed: int = 0, log_every: int = 250) -> DigitsNet:
     """Train DigitsNet with AdamW, cosine lr decay and random shifts of up to `max_shift` pixels."""
     torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    net = DigitsNet()
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * s / steps)))
-    net.train()
-    for step in range(steps):
-        idx = torch.randint(0, len(x0), (batch_size,), generator=g)
-        x = random_shift(x0[idx], max_shift, generator=g)
-        loss = F.cross_entropy(net(x), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"step {step:5d}  loss/classifier/ce {loss.item():.4f}  lr {sched.get_last_lr()[0]:.2e}")
-    return net.eval()
+    return fit_digits_classifier(DigitsNet(), x0, labels, steps, batch_size, lr, max_shift, seed, log_every)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Train and sample the bundled class-conditional digits teacher (DESIGN.md section 6).
+"""Train and sample the bundled class-conditional digits teacher.
 
 Denoising diffusion (Ho et al. 2020, arXiv 2006.11239) on a VP process with the cosine schedule
 (Nichol & Dhariwal 2021, arXiv 2102.09672), v-prediction (Salimans & Ho 2022, arXiv 2202.00512):

@@ -139,3 +139,19 @@ def require(ok: bool, message: str) -> None:
 def has_real_images(data) -> bool:
     """Whether the data section gives real samples (``Batch.x0_real``): the bundled digits, or an image folder."""
     return data.source == "digits" or bool(data.images)
+
+
+def check_critic_config(cfg, model, data, head_user: str = "the discriminator") -> None:
+    """The checks every method with a DMD-style critic shares: its time ranges, its GAN weights, a head for a
+    GAN weight and real images for a head (``head_user`` names who reads the head in the messages)."""
+    for lo, hi in (("t_min", "t_max"), ("critic_t_min", "critic_t_max")):
+        a, b = getattr(cfg, lo), getattr(cfg, hi)
+        require(0 <= a <= b <= 1, f"method.{lo} {a} / method.{hi} {b}: need 0 <= {lo} <= {hi} <= 1")
+    require(cfg.gan_weight_student >= 0 and cfg.gan_weight_critic >= 0,
+            "method.gan_weight_student and method.gan_weight_critic must be >= 0")
+    require(cfg.gan_weight_student == 0 or model.gan_head,
+            f"method.gan_weight_student {cfg.gan_weight_student} needs a discriminator head ({head_user}): set "
+            "model.gan_head true, or method.gan_weight_student 0")
+    require(not model.gan_head or has_real_images(data),
+            f"model.gan_head true: {head_user} compares with real images and data.source {data.source!r} has "
+            "none; set data.images to a folder of real images, or model.gan_head false")

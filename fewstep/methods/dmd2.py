@@ -32,7 +32,7 @@ from fewstep.core.denoiser import Denoiser
 from fewstep.core.generator import FewStepGenerator
 from fewstep.core.guidance import cfg
 from fewstep.core.parameterization import from_x0
-from fewstep.methods.base import Method, Parts, Turn, has_real_images, require
+from fewstep.methods.base import Method, Parts, Turn, check_critic_config, require
 
 
 @dataclass
@@ -77,17 +77,7 @@ class DMD2(Method):
                 "updates every step, the student every student_every-th)")
         require(cfg.guidance_scale >= 0, f"method.guidance_scale {cfg.guidance_scale} must be >= 0 "
                 "(uncond + w (cond - uncond); 1 = no guidance)")
-        for lo, hi in (("t_min", "t_max"), ("critic_t_min", "critic_t_max")):
-            a, b = getattr(cfg, lo), getattr(cfg, hi)
-            require(0 <= a <= b <= 1, f"method.{lo} {a} / method.{hi} {b}: need 0 <= {lo} <= {hi} <= 1")
-        require(cfg.gan_weight_student >= 0 and cfg.gan_weight_critic >= 0,
-                "method.gan_weight_student and method.gan_weight_critic must be >= 0")
-        require(cfg.gan_weight_student == 0 or model.gan_head,
-                f"method.gan_weight_student {cfg.gan_weight_student} needs a discriminator head: set "
-                "model.gan_head true, or method.gan_weight_student 0")
-        require(not model.gan_head or has_real_images(data),
-                f"model.gan_head true: the discriminator compares with real images and data.source "
-                f"{data.source!r} has none; set data.images to a folder of real images, or model.gan_head false")
+        check_critic_config(cfg, model, data)
 
     def trainable(self):
         critic = self.critic.trainable_parameters() + (list(self.head.parameters()) if self.head is not None else [])

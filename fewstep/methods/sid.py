@@ -47,7 +47,7 @@ from fewstep.core.parameterization import from_x0
 from fewstep.core.schedules import NoiseSchedule
 from fewstep.core.timesteps import from_timesteps
 from fewstep.errors import ConfigError
-from fewstep.methods.base import Method, Parts, Turn, has_real_images, require
+from fewstep.methods.base import Method, Parts, Turn, check_critic_config, require
 
 LSG_MODES = ("", "zero_cfg", "anti_cfg")
 
@@ -133,17 +133,7 @@ class SiD(Method):
     def validate(cls, cfg: SiDConfig, model, data) -> None:
         kappas(cfg)
         require(cfg.sigma_init >= 0, f"method.sigma_init {cfg.sigma_init} must be >= 0 (0 keeps your t-list)")
-        for lo, hi in (("t_min", "t_max"), ("critic_t_min", "critic_t_max")):
-            a, b = getattr(cfg, lo), getattr(cfg, hi)
-            require(0 <= a <= b <= 1, f"method.{lo} {a} / method.{hi} {b}: need 0 <= {lo} <= {hi} <= 1")
-        require(cfg.gan_weight_student >= 0 and cfg.gan_weight_critic >= 0,
-                "method.gan_weight_student and method.gan_weight_critic must be >= 0")
-        require(cfg.gan_weight_student == 0 or model.gan_head,
-                f"method.gan_weight_student {cfg.gan_weight_student} (SiDA) needs a discriminator head: set "
-                "model.gan_head true, or method.gan_weight_student 0")
-        require(not model.gan_head or has_real_images(data),
-                f"model.gan_head true: SiDA's discriminator compares with real images and data.source "
-                f"{data.source!r} has none; set data.images to a folder of real images, or model.gan_head false")
+        check_critic_config(cfg, model, data, "SiDA's discriminator")
 
     def trainable(self):
         critic = self.critic.trainable_parameters() + (list(self.head.parameters()) if self.head is not None else [])

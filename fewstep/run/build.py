@@ -3,7 +3,7 @@ full or LoRA mode), the one ``make_method`` every entry script uses, the batch s
 
 ``full`` mode: frozen teacher (optionally bf16) plus trainable fp32 copies for student and critic.
 ``lora`` mode: one frozen base; student and critic are two peft adapters on it and the teacher is the
-base with adapters disabled, so the backbone's weights are held once (DESIGN.md section 3).
+base with adapters disabled, so the backbone's weights are held once.
 """
 from __future__ import annotations
 

@@ -240,7 +240,7 @@ def digits_phased_dmd_2phase() -> RunConfig:
 
 def wan_phased_dmd() -> RunConfig:
     """Phased DMD Wan2.1 T2V 1.3B -> 4 steps, 2 experts (LightX2V wan2_1_t2v_1_3b_phased_dmd.yaml and the
-    Wan2.2 A14B config, dmd_family.md 2.7): steps [1000, 750, 500, 250] warped with shift 5, split so the
+    Wan2.2 A14B config): steps [1000, 750, 500, 250] warped with shift 5, split so the
     low-noise expert takes the last two; Adam betas (0, 0.999), wd 0.01, student lr 2e-6, fake lr 4e-7,
     TTUR 5, teacher CFG 5.0, score t in [20, 980] with margin 20, grad clip 10, 1000 iterations, bf16."""
     return RunConfig(

@@ -1,4 +1,4 @@
-"""Full-state checkpoints, written atomically (DESIGN.md section 5).
+"""Full-state checkpoints, written atomically.
 
 A checkpoint is a folder ``checkpoints/step_<n>`` holding ``state.pt`` (every trainable module, optimizer,
 lr schedule, EMA, update counters and the step; data order and randomness are functions of the step) and

@@ -1,5 +1,5 @@
 """Whole (unsharded) training state under FSDP2, so a checkpoint holds every parameter and the full
-optimizer state whatever the number of processes that wrote or reads it (DESIGN.md section 5).
+optimizer state whatever the number of processes that wrote or reads it.
 
 Under FSDP2 (``fully_shard``, accelerate's ``fsdp_version: 2``) every parameter is a ``DTensor`` holding one
 shard per rank, and an optimizer's state is sharded the same way. ``module.state_dict()`` on rank 0 would
