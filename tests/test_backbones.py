@@ -211,6 +211,38 @@ def test_feature_tap(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_features_stop_at_the_tap_and_equal_the_whole_pass(family):
+    """``Denoiser.features`` ends the pass at the tapped block (the discriminator's real-image pass): the
+    features and every parameter's gradient equal those of the whole pass; the modules after the tap never run."""
+    pipe = pipe_of(family)
+    model = backbone(pipe)
+    denoiser = Denoiser(adapter_for(model, prediction_type_of(pipe.scheduler)), from_diffusers(pipe.scheduler))
+    cond = PromptEncoder(pipe).encode(PROMPTS)
+    shape = LatentCodec(pipe).latent_shape(**SIZE, num_frames=5 if family == "wan" else None)
+    x, t = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)), torch.tensor([0.5, 0.25])
+
+    def grads(run):
+        model.zero_grad(set_to_none=True)
+        f = run()
+        f.square().mean().backward()
+        return f.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    with denoiser.backbone.tap() as whole:
+        ref, ref_g = grads(lambda: (denoiser(x, t, cond), whole[-1])[1])
+    last = getattr(model, "conv_out", None) or model.proj_out     # the output projection, after every tapped block
+    calls = []
+    hook = last.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        out, out_g = grads(lambda: denoiser.features(x, t, cond)[-1])
+    finally:
+        hook.remove()
+    model.zero_grad(set_to_none=True)
+    assert calls == [] and denoiser.backbone.can_stop_early()
+    assert torch.equal(out, ref) and out_g.keys() == ref_g.keys()
+    assert all(torch.equal(out_g[n], ref_g[n]) for n in ref_g)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_backbone_with_fp32_conds(family):
     """A bf16 teacher with fp32 text encoders: the adapter casts the cond like the pipelines do."""
     pipe = tiny_models.FAMILIES[family]()

@@ -282,3 +282,25 @@ def test_three_step_smoke_run_exports_a_pipeline(script, tiny_teacher_dir, tmp_p
     pipe = digits_eval.load_pipeline(out)
     images = pipe([1, 2], num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.5])
+def test_ratio_bins_default_to_the_whole_range_starting_at_one(rate):
+    """The default bins (FastGen's reading of the paper): 10 bins over t in [0, 1], each EMA starting at 1,
+    ``mean <- rate * mean + (1 - rate) * batch mean`` where a bin is hit; the ratio is divided by its bin's mean."""
+    from fewstep.methods.fdistill import RatioBins
+
+    cfg = FDistillConfig(ratio_ema=rate, t_min=0.02, t_max=0.98)
+    lo, hi = (0.0, 1.0) if cfg.bins_range == "schedule" else (cfg.t_min, cfg.t_max)
+    bins = RatioBins(cfg.bins, lo, hi, cfg.ratio_ema, first_batch=cfg.ratio_init == "first_batch")
+    g = torch.Generator().manual_seed(0)
+    mean = [1.0] * 10
+    for _ in range(3):
+        r, t = torch.rand(16, generator=g) * 3, torch.rand(16, generator=g)
+        out = bins.update_and_normalize(r, t)
+        idx = [min(int(v * 10), 9) for v in t.tolist()]
+        for b in set(idx):
+            hit = [x for x, i in zip(r.tolist(), idx) if i == b]
+            mean[b] = rate * mean[b] + (1 - rate) * sum(hit) / len(hit)
+        want = torch.tensor([x / (mean[i] + 1e-6) for x, i in zip(r.tolist(), idx)])
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)

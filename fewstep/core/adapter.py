@@ -68,19 +68,39 @@ class BackboneAdapter(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
     @contextmanager
-    def tap(self):
+    def tap(self, stop: bool = False):
         """Collect the outputs of ``feature_modules`` (as ``feature_map``s) during the forward passes run
-        inside the block."""
+        inside the block. ``stop``: the last tapped module ends the pass by raising ``FeaturesTaken`` (the
+        caller wanted only the features; ``Denoiser.features`` catches it)."""
         feats: list[Tensor] = []
         hooks = []
-        for name in self.feature_modules:
+        last = len(self.feature_modules) - 1
+
+        def hook(i, out):
+            feats.append(self.feature_map(out))
+            if stop and i == last:
+                raise FeaturesTaken
+
+        for i, name in enumerate(self.feature_modules):
             module = self.model.get_submodule(name)
-            hooks.append(module.register_forward_hook(lambda _m, _i, out: feats.append(self.feature_map(out))))
+            hooks.append(module.register_forward_hook(lambda _m, _i, out, i=i: hook(i, out)))
         try:
             yield feats
         finally:
             for h in hooks:
                 h.remove()
+
+    def can_stop_early(self) -> bool:
+        """Whether a pass may end at the tapped module: not when the model's parameters are sharded (FSDP's
+        hooks must see every module's forward end) or its blocks are gradient-checkpointed (the recomputation
+        replays whole blocks)."""
+        p = next(self.model.parameters(), None)
+        return p is not None and not hasattr(p, "full_tensor") and \
+            not getattr(self.model, "is_gradient_checkpointing", False)
+
+
+class FeaturesTaken(Exception):
+    """Ends a forward pass at its last tapped module (``BackboneAdapter.tap(stop=True)``)."""
 
 
 #: diffusers class name -> adapter class; ``fewstep.backbones`` registers one per family

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fewstep.core.adapter import BackboneAdapter
+from fewstep.core.adapter import BackboneAdapter, FeaturesTaken
 from fewstep.core.conditioning import Cond
 from fewstep.core.parameterization import convert
 from fewstep.core.schedules import NoiseSchedule
@@ -54,3 +54,17 @@ class Denoiser(nn.Module):
         with self.role():
             raw = self.backbone(x_t.to(self.backbone.dtype), self.schedule.timestep(t), cond)
         return convert(raw.double(), x_t.double(), t, self.schedule, self.prediction_type, out).to(dtype)
+
+    def features(self, x_t: Tensor, t: Tensor, cond: Cond) -> list[Tensor]:
+        """The backbone's tapped features at ``(x_t, t)``, the pass ending at the last tapped module when the
+        backbone allows it: a discriminator's real-image pass reads only the bottleneck (DMD2 section 4.2), so
+        the decoder half of the network and its backward are not run. Features and their gradients are those
+        of the whole pass."""
+        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(len(x_t))
+        self.schedule.check_t(t)
+        with self.role(), self.backbone.tap(stop=self.backbone.can_stop_early()) as feats:
+            try:
+                self.backbone(x_t.to(self.backbone.dtype), self.schedule.timestep(t), cond)
+            except FeaturesTaken:
+                pass
+        return feats

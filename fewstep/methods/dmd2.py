@@ -119,7 +119,7 @@ class DMD2(Method):
     def student_loss(self, batch: Batch, step: int):
         """DM loss (eq. 7-8) + lambda_GAN * softplus(-D(x_t))."""
         c = self.cfg
-        x, _, k = self.generate(batch, step)
+        x, _, k = self.generated(batch, step, "student")
         x_t, t = timesteps.noised(self.teacher.schedule, x, batch, 1, c.t_min, c.t_max)
         loss, logs = self.distribution_matching(x, x_t, t, batch)
         return loss, {"student/sim_step": torch.tensor(float(k)), **logs}
@@ -163,8 +163,7 @@ class DMD2(Method):
     def critic_loss(self, batch: Batch, step: int):
         """Denoising loss of the fake score on detached student samples (+ GAN discriminator loss)."""
         c = self.cfg
-        with torch.no_grad():
-            x = self.generate(batch, step)[0]
+        x = self.generated(batch, step, "critic")[0]
         x_t, t = timesteps.noised(self.teacher.schedule, x, batch, 3, c.critic_t_min, c.critic_t_max)
         target = from_x0(x, x_t, t, self.critic.prediction_type, self.critic.schedule)
         return self.critic_objective(x_t, t, target, batch, lambda: timesteps.noised(
@@ -181,7 +180,7 @@ class DMD2(Method):
         pred, logit_fake = self.logits(x_t, t, batch.cond, kind)
         dsm = losses.dsm(pred, target)
         xr_t, tr = noised_real()
-        _, logit_real = self.logits(xr_t, tr, batch.cond_real or batch.cond)
+        logit_real = self.head(self.critic.features(xr_t, tr, batch.cond_real or batch.cond)[-1])
         d = losses.gan_d(logit_real, logit_fake)
         logs = {"loss/critic/dsm": dsm.detach(), "loss/critic/gan": d.detach(),
                 "gan/p_real": torch.sigmoid(logit_real).mean().detach(),

@@ -10,13 +10,17 @@ Implements
   [-logit_clip, logit_clip] and ``r`` to [ratio_min, ratio_max] (0.1, 20); the optimum of the
   non-saturating GAN loss has ``logit = log(p / q)``. The discriminator is DMD2's head on the critic's
   bottleneck, trained by DMD2's critic turn;
-- the two-stage normalisation: ``r`` divided by a per-t-bin EMA of its mean (``bins`` bins
-  over [t_min, t_max], a registered buffer so checkpoints hold it), then ``h`` divided by its batch mean.
+- the two-stage normalisation: ``r`` divided by a per-t-bin EMA of its mean (``bins`` bins over the schedule's
+  time range [0, 1], or over [t_min, t_max] with ``bins_range = "t_range"``; each bin's EMA starts at 1, or at its
+  first batch's mean with ``ratio_init = "first_batch"``; a registered buffer so checkpoints hold it), then ``h``
+  divided by its batch mean. FastGen's implementation of the paper bins the scheduler's whole time range and
+  starts its bins at 1, with EMA rate 0.0 for SD1.5 and 0.5 for ImageNet-64.
   Reverse-KL never reads the discriminator, so it reproduces DMD2 bit for bit.
 
 Config fields -> paper symbols: every DMD2 field (same meaning), plus ``divergence`` = f;
 ``ratio_min``/``ratio_max`` = the clamp of r; ``logit_clip`` = the clamp of the logit; ``bins`` = the
-number of t bins; ``ratio_ema`` = the EMA rate of the bin means (0 uses each batch's own bin means).
+number of t bins; ``ratio_ema`` = the EMA rate of the bin means (0 uses each batch's own bin means);
+``bins_range`` = "schedule" | "t_range"; ``ratio_init`` = "one" | "first_batch".
 The normalisations run over one micro-batch (all-reduced across processes when torch.distributed is up).
 """
 from __future__ import annotations
@@ -42,6 +46,8 @@ class FDistillConfig(DMD2Config):
     logit_clip: float = 10.0
     bins: int = 10
     ratio_ema: float = 0.5
+    bins_range: str = "schedule"
+    ratio_init: str = "one"
 
 
 def _all_sum(x: torch.Tensor) -> torch.Tensor:
@@ -55,9 +61,9 @@ def _all_sum(x: torch.Tensor) -> torch.Tensor:
 class RatioBins(nn.Module):
     """Per-t-bin EMA of the density ratio's mean; ``mean`` starts at 1 (no rescaling before data)."""
 
-    def __init__(self, bins: int, lo: float, hi: float, rate: float):
+    def __init__(self, bins: int, lo: float, hi: float, rate: float, first_batch: bool = False):
         super().__init__()
-        self.lo, self.hi, self.rate = lo, hi, rate
+        self.lo, self.hi, self.rate, self.first_batch = lo, hi, rate, first_batch
         self.register_buffer("mean", torch.ones(bins))
         self.register_buffer("seen", torch.zeros(bins, dtype=torch.bool))
 
@@ -67,14 +73,17 @@ class RatioBins(nn.Module):
 
     @torch.no_grad()
     def update_and_normalize(self, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Fold this batch's bin means into the EMA (a bin's first batch sets it), then return ``r / mean[bin]``."""
+        """Fold this batch's bin means into the EMA (with ``first_batch``, a bin's first batch sets it), then return
+        ``r / mean[bin]``."""
         idx = self.index(t)
         n = len(self.mean)
         sums = _all_sum(torch.zeros(n, device=r.device).index_add_(0, idx, r.float()))
         counts = _all_sum(torch.zeros(n, device=r.device).index_add_(0, idx, torch.ones_like(r.float())))
         hit = counts > 0
         batch_mean = sums[hit] / counts[hit]
-        keep = torch.where(self.seen[hit], torch.full_like(batch_mean, self.rate), torch.zeros_like(batch_mean))
+        keep = torch.full_like(batch_mean, self.rate)
+        if self.first_batch:
+            keep = torch.where(self.seen[hit], keep, torch.zeros_like(batch_mean))
         self.mean[hit] = keep * self.mean[hit] + (1 - keep) * batch_mean
         self.seen[hit] = True
         return r / (self.mean[idx] + 1e-6)
@@ -95,7 +104,8 @@ class FDistill(DMD2):
                 "GAN term): set model.gan_head true")
         super().__init__(cfg, teacher, student, critic, head)
         self.divergence = divergence
-        self.ratio = RatioBins(cfg.bins, cfg.t_min, cfg.t_max, cfg.ratio_ema)
+        lo, hi = (cfg.t_min, cfg.t_max) if cfg.bins_range == "t_range" else (0.0, 1.0)
+        self.ratio = RatioBins(cfg.bins, lo, hi, cfg.ratio_ema, first_batch=cfg.ratio_init == "first_batch")
 
     @classmethod
     def validate(cls, cfg: FDistillConfig, model, data) -> None:
@@ -114,6 +124,10 @@ class FDistill(DMD2):
         require(cfg.bins >= 1, f"method.bins {cfg.bins} must be at least 1")
         require(0 <= cfg.ratio_ema < 1, f"method.ratio_ema {cfg.ratio_ema} must be in [0, 1)")
         require(cfg.logit_clip > 0, f"method.logit_clip {cfg.logit_clip} must be > 0")
+        require(cfg.bins_range in ("schedule", "t_range"), f"method.bins_range {cfg.bins_range!r} is not valid; use "
+                "schedule (bins over the whole time range) or t_range (over [t_min, t_max])")
+        require(cfg.ratio_init in ("one", "first_batch"), f"method.ratio_init {cfg.ratio_init!r} is not valid; use "
+                "one or first_batch")
 
     def checkpoint_modules(self):
         return {**super().checkpoint_modules(), "ratio": self.ratio}

@@ -47,6 +47,7 @@ class OptimConfig:
     weight_decay: float = 0.01
     eps: float = 1e-8
     warmup_steps: int = 0
+    kernel: str = "auto"      # AdamW implementation: auto (fused where torch has it, else foreach), fused, foreach, loop
 
 
 @dataclass

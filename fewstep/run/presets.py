@@ -184,11 +184,13 @@ def sd15_sid_lsg() -> RunConfig:
 def digits_fdistill() -> RunConfig:
     """f-distill (Jensen-Shannon) on the bundled digits teacher -> a one-step student: DMD2's setup with
     the discriminator's density ratio weighting the DM gradient. Real-score guidance 1.25: at 2.0 FD-digits
-    stays ~1.7x the teacher's after 600 steps (too little diversity), at 1.25 it is ~0.35x."""
+    stays ~1.7x the teacher's after 600 steps (too little diversity), at 1.25 it is ~0.35x. The ratio bins are
+    those these figures were measured with (over [t_min, t_max], each bin starting at its first batch, EMA 0.5);
+    FastGen's choices (the whole range, bins starting at 1) are the defaults and sd15_fdistill's."""
     return RunConfig(
         method_name="fdistill",
         method=FDistillConfig(guidance_scale=1.25, student_every=5, gan_weight_student=3e-3, gan_weight_critic=1e-2,
-                              divergence="js"),
+                              divergence="js", bins_range="t_range", ratio_init="first_batch"),
         model=ModelConfig(student_timesteps=(999,), gan_head=True),
         data=DataConfig(source="digits", batch_size=32),
         train=TrainConfig(output_dir="runs/fdistill_digits", max_steps=1000, ema_decay=0.99, sample_every=200,
@@ -200,11 +202,13 @@ def digits_fdistill() -> RunConfig:
 def sd15_fdistill() -> RunConfig:
     """f-distill SD1.5 -> one step (FastGen's SD1.5 config for arXiv 2502.15681): Jensen-Shannon, lr 1e-5,
     bf16, GAN weight 1e-3, real CFG 1.75, TTUR 10, t ~ U[0.001, 0.999], global batch 2048
-    (8 GPUs x 32 x 8 accumulation), 100k iterations."""
+    (8 GPUs x 32 x 8 accumulation), 100k iterations; density-ratio bins as FastGen's: EMA rate 0.0 (0.5 is its
+    ImageNet-64 value), 10 bins over the schedule's whole time range, each starting at 1."""
     return RunConfig(
         method_name="fdistill",
         method=FDistillConfig(guidance_scale=1.75, student_every=10, t_min=0.001, t_max=0.999,
-                              gan_weight_student=1e-3, gan_weight_critic=1e-2, divergence="js"),
+                              gan_weight_student=1e-3, gan_weight_critic=1e-2, divergence="js", ratio_ema=0.0,
+                              bins=10, bins_range="schedule", ratio_init="one"),
         model=ModelConfig(teacher="stable-diffusion-v1-5/stable-diffusion-v1-5", student_timesteps=(999,),
                           teacher_dtype="bfloat16", gan_head=True),
         # the discriminator (density ratio and GAN term) compares with real images: give them with data.images

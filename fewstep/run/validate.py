@@ -10,6 +10,7 @@ import math
 from fewstep.errors import ConfigError
 from fewstep.methods import method_class
 from fewstep.run.config import RunConfig, flatten
+from fewstep.training import optim
 
 # field -> allowed values
 CHOICES = {
@@ -56,6 +57,8 @@ def validate(cfg: RunConfig) -> None:
         _require(o.weight_decay >= 0 and o.eps > 0 and o.warmup_steps >= 0,
                  f"optim.{name}: weight_decay {o.weight_decay} and warmup_steps {o.warmup_steps} must be >= 0, "
                  f"eps {o.eps} > 0")
+        _require(o.kernel in optim.KERNELS, f"optim.{name}.kernel {o.kernel!r} is not valid; use "
+                 f"{' or '.join(optim.KERNELS)}")
     d = cfg.data
     _require(d.source != "prompts" or bool(d.prompts), "data.source prompts needs data.prompts: a .txt file (one "
              "prompt a line), a .jsonl or a datasets folder")

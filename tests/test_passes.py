@@ -1,0 +1,95 @@
+"""Network passes per turn: every method makes the passes it needs and no more. The student's sample is drawn
+once on a step where both turns run (the critic turn keeps it for the student turn) and that leaves every loss
+and every parameter bit-identical to drawing it twice; the discriminator's real-image pass stops at the tapped
+block."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fewstep.run import build
+from fewstep.run.presets import PRESETS
+from fewstep.training import loop
+
+# preset -> turn -> the passes (network, batch) the method needs on step 0 with a batch of B = 2:
+#   S = the student generator (backward simulation: its no-grad steps and the trained step), T = the teacher
+#   (cond and uncond in one batched call: 2B), C = the critic whole, C| = the critic stopped at its tapped block
+#   (the GAN's real pass), E = the consistency target network. On a step where both turns run, the critic turn
+#   draws the student's sample and the student turn reuses it: the student turn makes no generator pass.
+NEEDED = {
+    "digits_dmd2": {"critic": [("S", 2), ("C", 2), ("C|", 2)], "student": [("T", 4), ("C", 2)]},
+    "digits_dmd2_4step": {"critic": [("S", 2)] * 4 + [("C", 2), ("C|", 2)], "student": [("T", 4), ("C", 2)]},
+    "digits_sid": {"critic": [("S", 2), ("C", 2)], "student": [("T", 4), ("C", 2)]},
+    "digits_fdistill": {"critic": [("S", 2), ("C", 2), ("C|", 2)], "student": [("T", 4), ("C", 2)]},
+    "digits_phased_dmd": {"critic": [("S", 2), ("C", 2)], "student": [("T", 4), ("C", 2)]},
+    "digits_consistency": {"student": [("T", 4), ("E", 2), ("S", 2)]},
+}
+METHOD_OF = {preset: m for m, ps in PRESETS.items() for preset in ps}
+
+
+def setup(preset, teacher_dir, out, method=None, **train):
+    cfg = PRESETS[METHOD_OF[preset]][preset]()
+    for k, v in (method or {}).items():
+        setattr(cfg.method, k, v)
+    cfg.model.teacher = str(teacher_dir)
+    cfg.data.batch_size = 2
+    cfg.train.output_dir = str(out)
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    torch.manual_seed(0)
+    teacher = build.load_teacher(cfg.model)
+    return cfg, build.make_method(cfg, teacher), build.make_source(cfg, teacher)
+
+
+def record_passes(method) -> list:
+    """Hooks that log (network letter, batch size) for each backbone call, and '|' when its output layer never ran."""
+    nets = {"T": method.teacher, "C": getattr(method, "critic", None), "S": method.student.denoiser,
+            "E": getattr(method, "target", None)}
+    log, handles = [], []
+    for letter, d in nets.items():
+        if d is None:
+            continue
+        model = d.backbone.model
+        handles.append(model.register_forward_pre_hook(lambda _m, a, k=letter: log.append([k, a[0].shape[0]])))
+        handles.append(model.conv_out.register_forward_hook(lambda *_: log[-1].append("ran")))
+    return log, handles
+
+
+@pytest.mark.parametrize("preset", sorted(NEEDED))
+def test_each_turn_makes_only_the_passes_it_needs(preset, tiny_teacher_dir, tmp_path):
+    _, method, source = setup(preset, tiny_teacher_dir, tmp_path)
+    log, handles = record_passes(method)
+    params = method.trainable()
+    seen = {}
+    for turn in method.turns:
+        loop._set_turn(params, turn.name)
+        log.clear()
+        loss, _ = method(turn.name, source.batch(0, 0), 0)
+        loss.backward()
+        method.zero_grad(set_to_none=True)
+        seen[turn.name] = [(k if ran else f"{k}|", b) for k, b, *ran in log]
+    for h in handles:
+        h.remove()
+    assert seen == NEEDED[preset]
+
+
+def run(preset, teacher_dir, out, reuse: bool, monkeypatch, steps: int = 4):
+    """Every turn's logged values (the loop's own trace, as text) and the final state of ``steps`` steps."""
+    every = {"student_every": 2} if "student_every" in vars(PRESETS[METHOD_OF[preset]][preset]().method) else {}
+    cfg, method, source = setup(preset, teacher_dir, out, every, max_steps=steps, checkpoint_every=100,
+                                sample_every=100, log_every=1, evaluate=False)
+    method.reuse_sample = reuse
+    out.mkdir(parents=True)
+    monkeypatch.setenv("FEWSTEP_TRACE", str(out / "trace"))
+    loop.train(cfg, method, source, build.accelerator("no", str(out)))
+    trace = (out / "trace.rank0.jsonl").read_text().splitlines()
+    return trace, {k: v.detach().clone() for k, v in method.state_dict().items()}
+
+
+@pytest.mark.parametrize("preset", ["digits_dmd2_4step", "digits_sid", "digits_phased_dmd"])
+def test_drawing_the_sample_once_equals_drawing_it_twice(preset, tiny_teacher_dir, tmp_path, monkeypatch):
+    once, p_once = run(preset, tiny_teacher_dir, tmp_path / "once", True, monkeypatch)
+    twice, p_twice = run(preset, tiny_teacher_dir, tmp_path / "twice", False, monkeypatch)
+    assert sum('"turn": "student"' in line for line in once) >= 2
+    assert once == twice                         # every turn's loss and logged value, as text: bit for bit
+    assert p_once.keys() == p_twice.keys() and all(torch.equal(p_once[k], p_twice[k]) for k in p_once)
