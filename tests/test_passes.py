@@ -73,6 +73,41 @@ def test_each_turn_makes_only_the_passes_it_needs(preset, tiny_teacher_dir, tmp_
     assert seen == NEEDED[preset]
 
 
+def test_a_discriminator_on_teacher_features_sends_no_gradient_into_the_critic(tiny_teacher_dir, tmp_path):
+    """``gan_features teacher``: the critic turn's discriminator passes are the frozen teacher's, forward-only and
+    stopped at the tap; the critic's gradient is its denoising loss's alone; the student turn reads the features
+    off its teacher pass (which then differentiates to its input) and runs the critic without gradient."""
+    _, method, source = setup("digits_dmd2", tiny_teacher_dir, tmp_path, {"gan_features": "teacher"})
+    log, handles = record_passes(method)
+    params = method.trainable()
+    batch = source.batch(0, 0)
+    grads = {}
+    for weight in (method.cfg.gan_weight_critic, 0.0):
+        method.cfg.gan_weight_critic = weight
+        loop._set_turn(params, "critic")
+        log.clear()
+        loss, logs = method("critic", batch, 1)
+        loss.backward()
+        grads[weight] = [None if p.grad is None else p.grad.clone() for p in params["critic"]]
+        method.zero_grad(set_to_none=True)
+    assert [(k if ran else f"{k}|", b) for k, b, *ran in log] == [("S", 2), ("C", 2), ("T|", 2), ("T|", 2)]
+    with_gan, without = grads.values()
+    n_head = len(list(method.head.parameters()))
+    critic_part = slice(0, len(params["critic"]) - n_head)
+    assert all(torch.equal(a, b) for a, b in zip(with_gan[critic_part], without[critic_part]))
+    head_grads = with_gan[critic_part.stop:]
+    assert all(g is not None for g in head_grads) and sum(g.abs().sum() for g in head_grads) > 0
+    assert logs["loss/critic/gan"] > 0
+    loop._set_turn(params, "student")
+    log.clear()
+    loss, logs = method("student", batch, 1)
+    loss.backward()
+    assert [(k if ran else f"{k}|", b) for k, b, *ran in log] == [("S", 2), ("T", 4), ("C", 2)]
+    assert "loss/student/gan" in logs and all(p.grad is None for p in params["critic"])
+    for h in handles:
+        h.remove()
+
+
 def run(preset, teacher_dir, out, reuse: bool, monkeypatch, steps: int = 4):
     """Every turn's logged values (the loop's own trace, as text) and the final state of ``steps`` steps."""
     every = {"student_every": 2} if "student_every" in vars(PRESETS[METHOD_OF[preset]][preset]().method) else {}

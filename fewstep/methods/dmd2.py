@@ -16,7 +16,10 @@ Implements
 Config fields -> paper symbols: ``guidance_scale`` = real-score CFG scale; ``student_every`` = the TTUR
 ratio (5 for ImageNet/SDXL, 10 for SD1.5); ``t_min``/``t_max`` = the DM-loss time range (0.02T, 0.98T);
 ``gan_weight_student`` / ``gan_weight_critic`` = lambda_GAN of the generator / discriminator
-(``gen_cls_loss_weight`` / ``guidance_cls_loss_weight``). DMD's regression loss is not offered: it needs
+(``gen_cls_loss_weight`` / ``guidance_cls_loss_weight``). ``gan_features = "teacher"`` puts the head on the
+frozen teacher's tapped features instead of the critic's (FastGen's discriminator): the GAN path sends no
+gradient into the critic, the critic turn's two discriminator passes run forward-only and stop at the tapped
+block, and the student turn reads the features off the teacher pass it makes anyway (its conditional half). DMD's regression loss is not offered: it needs
 teacher samples paired with their noise, which no fewstep data source provides.
 """
 from __future__ import annotations
@@ -48,6 +51,7 @@ class DMD2Config:
     gan_weight_student: float = 0.0
     gan_weight_critic: float = 1e-2
     backward_simulation: bool = True
+    gan_features: str = "critic"
 
 
 class DMD2(Method):
@@ -78,6 +82,8 @@ class DMD2(Method):
         require(cfg.guidance_scale >= 0, f"method.guidance_scale {cfg.guidance_scale} must be >= 0 "
                 "(uncond + w (cond - uncond); 1 = no guidance)")
         check_critic_config(cfg, model, data)
+        require(cfg.gan_features in ("critic", "teacher"), f"method.gan_features {cfg.gan_features!r} is not valid; "
+                "use critic (the head on the fake score's features, DMD2) or teacher (on the frozen teacher's)")
 
     def trainable(self):
         critic = self.critic.trainable_parameters() + (list(self.head.parameters()) if self.head is not None else [])
@@ -88,6 +94,11 @@ class DMD2(Method):
         if self.head is not None:
             mods["head"] = self.head
         return mods
+
+    @property
+    def teacher_features(self) -> bool:
+        """Whether the head reads the frozen teacher's features (``gan_features = "teacher"``)."""
+        return self.head is not None and self.cfg.gan_features == "teacher"
 
     @property
     def use_gan(self) -> bool:
@@ -136,10 +147,21 @@ class DMD2(Method):
         # this turn); the DM term's gradient is the closed form in losses.dmd.
         # both x0 estimates in float64 (as the official DMD2): their difference is the gradient
         f64 = torch.float64
-        with torch.no_grad():
-            x0_real = cfg(self.teacher, x_t.detach(), t, batch.cond, batch.uncond, c.guidance_scale, dtype=f64)
         logit = None
-        if self.use_gan:
+        if self.teacher_features and (self.use_gan or self.needs_logit):
+            # one teacher pass gives x0_real and the head's features; it differentiates (to x_t) only for the GAN
+            grad = self.use_gan and torch.is_grad_enabled()
+            with torch.set_grad_enabled(grad), self.teacher.backbone.tap() as feats:
+                x0_real = cfg(self.teacher, x_t if self.use_gan else x_t.detach(), t, batch.cond, batch.uncond,
+                              c.guidance_scale, dtype=f64)
+            x0_real, logit = x0_real.detach(), self.head(feats[-1][: len(x_t)])
+        else:
+            with torch.no_grad():
+                x0_real = cfg(self.teacher, x_t.detach(), t, batch.cond, batch.uncond, c.guidance_scale, dtype=f64)
+        if self.teacher_features:
+            with torch.no_grad():
+                x0_fake = self.critic(x_t.detach(), t, batch.cond, dtype=f64)
+        elif self.use_gan:
             x0_fake, logit = self.logits(x_t, t, batch.cond, dtype=f64)
             x0_fake = x0_fake.detach()
         elif self.needs_logit:
@@ -177,10 +199,17 @@ class DMD2(Method):
         if self.head is None:
             loss = losses.dsm(self.critic(x_t, t, batch.cond, kind), target)
             return loss, {"loss/critic/dsm": loss.detach()}
-        pred, logit_fake = self.logits(x_t, t, batch.cond, kind)
-        dsm = losses.dsm(pred, target)
         xr_t, tr = noised_real()
-        logit_real = self.head(self.critic.features(xr_t, tr, batch.cond_real or batch.cond)[-1])
+        if self.teacher_features:
+            dsm = losses.dsm(self.critic(x_t, t, batch.cond, kind), target)
+            with torch.no_grad():       # the frozen teacher's features: gradients reach the head only
+                f_fake = self.teacher.features(x_t.detach(), t, batch.cond)[-1]
+                f_real = self.teacher.features(xr_t, tr, batch.cond_real or batch.cond)[-1]
+            logit_fake, logit_real = self.head(f_fake), self.head(f_real)
+        else:
+            pred, logit_fake = self.logits(x_t, t, batch.cond, kind)
+            dsm = losses.dsm(pred, target)
+            logit_real = self.head(self.critic.features(xr_t, tr, batch.cond_real or batch.cond)[-1])
         d = losses.gan_d(logit_real, logit_fake)
         logs = {"loss/critic/dsm": dsm.detach(), "loss/critic/gan": d.detach(),
                 "gan/p_real": torch.sigmoid(logit_real).mean().detach(),
