@@ -33,6 +33,8 @@ CFG_SCALE, TTUR, BATCH = 1.75, 5, 4
 CONFIGS = {
     "dmd2": ("dmd2", "sd15_dmd2", {"gan_weight_student": 0.0}, {"gan_head": False}),
     "dmd2_gan": ("dmd2", "sd15_dmd2", {"gan_weight_student": 1e-2}, {"gan_head": True}),
+    "dmd2_gan_teacher": ("dmd2", "sd15_dmd2", {"gan_weight_student": 1e-2, "gan_features": "teacher"},
+                         {"gan_head": True}),
     "fdistill": ("fdistill", "sd15_fdistill", {}, {"gan_head": True}),
     "sid": ("sid", "sd15_sid_lsg", {}, {"gan_head": False}),
     "lcm": ("consistency", "sd15_lcm", {}, {}),
@@ -79,7 +81,7 @@ def setup(name: str, teacher: Path, prompts: Path, images: Path, out: Path, devi
     cfg.model.gradient_checkpointing = False
     for k, v in model_fields.items():
         setattr(cfg.model, k, v)
-    if method_name != "consistency":
+    if method_name in ("dmd2", "fdistill"):     # SiD keeps its t_init input, LCM its multi-step list
         cfg.model.student_timesteps = (999,)
     for k, v in {"guidance_scale": CFG_SCALE, "student_every": TTUR, **method_fields}.items():
         if hasattr(cfg.method, k):

@@ -448,9 +448,13 @@ PRESET_TEACHER = {"sd15_dmd2": ("dmd2", "sd15", ()), "sdxl_dmd2_4step": ("dmd2",
                   "sdxl_dmd2_lora": ("dmd2", "sdxl", ()), "sd3_dmd2": ("dmd2", "sd3", ()),
                   "flux_dmd2": ("dmd2", "flux", ()), "sd15_sid_lsg": ("sid", "sd15", ()),
                   "sd15_fdistill": ("fdistill", "sd15", ()),
+                  "sd15_sfd": ("sfd", "sd15", ()),
                   "wan_phased_dmd": ("phased_dmd", "wan", ("--data.num_frames", str(FRAMES), "--data.images", "")),
                   "sd15_lcm": ("consistency", "sd15", ("--data.source", "images")),
-                  "sdxl_lcm_lora": ("consistency", "sdxl", ("--data.source", "images"))}
+                  "sdxl_lcm_lora": ("consistency", "sdxl", ("--data.source", "images")),
+                  "sdxl_decoupled_dmd_4step": ("decoupled_dmd", "sdxl", ()),
+                  "sd21_swiftbrush": ("swiftbrush", "sd15", ()), "sd15_pgsb": ("swiftbrush", "sd15", ()),
+                  "pixart_pgsb": ("swiftbrush", "pixart", ())}
 
 
 def test_every_real_model_preset_is_listed_here():

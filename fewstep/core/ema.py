@@ -28,8 +28,13 @@ class EMA:
     @torch.no_grad()
     def update(self) -> None:
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach().float(), 1 - d)
+        ps = [p.detach() for p in self.params]
+        if all(p.dtype == s.dtype and p.device == s.device and not hasattr(p, "full_tensor")
+               for s, p in zip(self.shadow, ps)):
+            torch._foreach_lerp_(self.shadow, ps, 1 - d)     # one call, not a Python loop over every tensor
+        else:
+            for s, p in zip(self.shadow, ps):
+                s.lerp_(p.float(), 1 - d)
         self.num_updates += 1
 
     @contextmanager

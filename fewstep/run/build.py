@@ -17,6 +17,7 @@ import torch
 from fewstep.backbones import adapter_for, lora
 from fewstep.backbones import options as backbone_options
 from fewstep.backbones.encoders import FAMILIES
+from fewstep.core.conditioning import Cond
 from fewstep.core.denoiser import Denoiser
 from fewstep.core.generator import FewStepGenerator
 from fewstep.core.heads import ConvHead
@@ -208,6 +209,7 @@ class Parts:
     loaded: Teacher
     model: ModelConfig
     total_steps: int
+    source: object = None       # the run's batch source: ``encode`` asks it for prompt conditions
 
     @property
     def teacher(self) -> Denoiser:
@@ -230,11 +232,18 @@ class Parts:
     def head(self, critic: Denoiser):
         return make_head(critic, self.model)
 
+    def encode(self, prompts: list[str]) -> Cond:
+        if not callable(getattr(self.source, "cond", None)):
+            raise ConfigError("this method conditions on prompts of its own, which needs a text-to-image teacher "
+                              "and its prompt source (data.source prompts or images)")
+        return Cond.cat(*[self.source.cond(p) for p in prompts])
 
-def make_method(cfg: RunConfig, teacher: Teacher) -> Method:
-    """The method ``cfg.method_name`` built by its own ``build`` on networks made from ``teacher``: the one
-    way every entry script (and test) builds a method."""
-    return method_class(cfg.method_name).build(cfg.method, Parts(teacher, cfg.model, cfg.train.max_steps))
+
+def make_method(cfg: RunConfig, teacher: Teacher, source=None) -> Method:
+    """The method ``cfg.method_name`` built by its own ``build`` on networks made from ``teacher`` (and prompt
+    conditions encoded by ``source``, the run's batch source): the one way every entry script (and test) builds
+    a method."""
+    return method_class(cfg.method_name).build(cfg.method, Parts(teacher, cfg.model, cfg.train.max_steps, source))
 
 
 def make_source(cfg: RunConfig, teacher: Teacher):

@@ -91,7 +91,7 @@ def threads() -> int:
     return max(1, min(physical_cores() or usable, usable))
 
 
-def unsharded_student(cfg: C.RunConfig, method, ema, main: bool):
+def unsharded_student(cfg: C.RunConfig, method, ema, main: bool, source=None):
     """Gather the FSDP-sharded student (EMA weights swapped in) on every rank, and on the main process load
     it into a freshly built, unsharded method; other ranks get None."""
 
@@ -102,7 +102,7 @@ def unsharded_student(cfg: C.RunConfig, method, ema, main: bool):
         full = distributed.gather_module(method.student)      # collective
     if not main:
         return None
-    fresh = build.make_method(cfg, build.load_teacher(cfg.model))
+    fresh = build.make_method(cfg, build.load_teacher(cfg.model), source)
     fresh.student.load_state_dict(full)
     return fresh
 
@@ -130,7 +130,7 @@ def main(method_name: str, doc: str = "", argv: list[str] | None = None) -> Path
         teacher = build.load_teacher(cfg.model)
         source = build.make_source(cfg, teacher)
         torch.manual_seed(cfg.train.seed)    # initialization of new modules (heads, adapters)
-        method = build.make_method(cfg, teacher)
+        method = build.make_method(cfg, teacher, source)
         export.check(teacher, method.student)
     except ConfigError as e:
         fail(e)
@@ -164,7 +164,7 @@ def main(method_name: str, doc: str = "", argv: list[str] | None = None) -> Path
     result["train_seconds"] = time.perf_counter() - started
     ema = result["ema"]
     if result["root"] is not None:     # FSDP: export from an unsharded copy of the (EMA) student
-        method, ema = unsharded_student(cfg, method, ema, accelerator.is_main_process), None
+        method, ema = unsharded_student(cfg, method, ema, accelerator.is_main_process, source), None
     if accelerator.is_main_process:
         print(f"exporting the student to {out} ...", file=sys.stderr)
         export.export_student(cfg, teacher, method.student, ema)
