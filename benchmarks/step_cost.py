@@ -183,9 +183,9 @@ def measure(name, teacher, prompts, images, work, device, steps, warmup):
         passes.log.clear()
         sync()
         t0 = time.perf_counter()
-        for turn in method.turns:
+        for ti, turn in enumerate(method.turns):
             if step % turn.every == 0:
-                turns.run(turn, step, source, 0, work / name / "ckpt")
+                turns.run(turn, ti, step, source, 0, work / name / "ckpt")
         sync()
         if step >= total - steps - (-steps % every):
             cycle.append(time.perf_counter() - t0)

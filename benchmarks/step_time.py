@@ -47,11 +47,11 @@ def main():
     for step in range(args.warmup + args.steps):
         t0 = time.perf_counter()
         ran = []
-        for turn in method.turns:
+        for ti, turn in enumerate(method.turns):
             if step % turn.every:
                 continue
             loop._set_turn(params, turn.name)
-            batch = source.batch(step, 0).to(args.device)   # the loop: every turn of a step reads one batch
+            batch = source.batch(step, ti).to(args.device)
             with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
                 loss, _ = method(turn.name, batch, step)
             loss.backward()

@@ -44,3 +44,28 @@ def tiny_teacher_dir(tmp_path_factory):
     DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", clip_sample=False,
                   set_alpha_to_one=False, timestep_spacing="trailing").save_pretrained(d / "scheduler")
     return d
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    """family -> the tiny stock pipeline of ``tiny_models`` saved as a diffusers folder (built once per module)."""
+    import tiny_models
+
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = tmp_path_factory.mktemp(f"teacher_{family}")
+            tiny_models.FAMILIES[family]().save_pretrained(cache[family])
+        return cache[family]
+    return get
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state; a run (a bf16 preset) may change it, so each module leaves it as
+    it found it."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_sid_fdistill import SCHED, grads, unet_denoiser, unet_parts, unet_source
 from test_sid_fdistill import test_turns_touch_only_their_parameters as turns_touch_only_their_parameters
-from test_t2i import fresh_accelerator_state, generate, load_stock, teachers, train, work  # noqa: F401 (fixtures)
+from test_t2i import generate, load_stock, train, work  # noqa: F401 (work is a fixture)
 
 from fewstep.core import timesteps
 from fewstep.core.conditioning import Batch, Cond

@@ -308,27 +308,6 @@ def work(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
-def teachers(work):
-    cache = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = work / "teachers" / family
-            tiny_models.FAMILIES[family]().save_pretrained(cache[family])
-        return cache[family]
-    return get
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fresh_accelerator_state():
-    """accelerate keeps one process-wide state; a run may change it, so leave it as found."""
-    from accelerate.state import AcceleratorState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def train(teacher, out, *args):
     from accelerate.state import AcceleratorState
 

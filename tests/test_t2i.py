@@ -63,28 +63,6 @@ def work(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.fixture(scope="module")
-def teachers(work):
-    """family -> the tiny stock pipeline saved as a diffusers folder (built once)."""
-    cache = {}
-
-    def get(family: str) -> Path:
-        if family not in cache:
-            cache[family] = work / "teachers" / family
-            tiny_models.FAMILIES[family]().save_pretrained(cache[family])
-        return cache[family]
-    return get
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fresh_accelerator_state():
-    """accelerate keeps one process-wide state; the bf16 presets change it, so leave it as found."""
-    from accelerate.state import AcceleratorState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def train(method: str, teacher: Path, out: Path, *args: str) -> Path:
     """Two training steps of ``method`` on a prompt source, then the export (as the entry script does)."""
     from accelerate.state import AcceleratorState

@@ -8,7 +8,6 @@ registers it, and builds itself from its config and the ``Parts`` the wiring lay
 from __future__ import annotations
 
 import importlib
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol
@@ -66,8 +65,6 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     #: the method's config dataclass (the ``method`` section of a run config)
     Config: ClassVar[type] = object
-    #: draw the student's sample once on steps where both turns run (``generated``); False regenerates it
-    reuse_sample: bool = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -111,58 +108,12 @@ class Method(nn.Module):
         """Modules whose state a checkpoint must hold (the frozen teacher is not among them)."""
         raise NotImplementedError
 
-    def generated(self, batch: Batch, step: int, turn: str) -> tuple:
-        """``self.generate(batch, step)`` for ``turn``, drawn once on a step where both turns run.
-
-        The critic turn runs first and trains on the detached sample; the student turn needs the same sample with
-        its graph. So on such a step the critic turn draws it with the student's graph and keeps it, and the
-        student turn takes it: one generator pass less, and the same numbers as regenerating, because the
-        critic's update leaves the student's parameters as they were and the per-sample seeds fix the draw.
-        The graph is held through the critic turn (memory for speed); not done across processes or with
-        sharded parameters, where the wrappers' backward hooks expect each backward to follow its own forward.
-        """
-        if turn == "student":
-            kept, self._kept = getattr(self, "_kept", None), None
-            if kept is not None and kept[0] == step and torch.equal(kept[1], batch.seeds):
-                return kept[2]
-            return self.generate(batch, step)
-        self._kept = None
-        student = self.trainable()["student"]
-        follows = any(t.name == "student" and step % t.every == 0 for t in self.turns)
-        if self.reuse_sample and follows and torch.is_grad_enabled() and batch.seeds is not None and _unwrapped(student):
-            with _requiring_grad(student):
-                out = self.generate(batch, step)
-            self._kept = (step, batch.seeds.clone(), out)
-            return tuple(o.detach() if isinstance(o, Tensor) else o for o in out)
-        with torch.no_grad():
-            return self.generate(batch, step)
-
     @staticmethod
     def draw(step: int, salt: int, high: int) -> int:
         """A step-determined integer in [0, high): the same on every rank and after a resume
         (backward-simulation step, few-step mixture index)."""
         g = torch.Generator().manual_seed(1_000_003 * step + salt)
         return int(torch.randint(high, (1,), generator=g))
-
-
-def _unwrapped(params) -> bool:
-    """One process and plain (unsharded) parameters."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1) and \
-        not any(hasattr(p, "full_tensor") for p in params)
-
-
-@contextmanager
-def _requiring_grad(params):
-    """``params`` require gradients inside the block (the loop froze them for another turn)."""
-    saved = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for p, r in zip(params, saved):
-            p.requires_grad_(r)
 
 
 def method_class(name: str) -> type[Method]:

@@ -135,7 +135,7 @@ class DecoupledDMD(DMD2):
     def output(self, batch: Batch, step: int):
         """``(x, renoise, k, logs)``: the student output, ``renoise(salt, lo, hi) -> (x_t, t)`` with t drawn in
         [lo, hi], and the trained step k (its input time is ``t_list[k]``)."""
-        x, _, k = self.generated(batch, step, "student")
+        x, _, k = self.generate(batch, step)
         sch = self.teacher.schedule
         return (x, lambda salt, lo, hi: timesteps.noised(sch, x, batch, salt, lo, hi), k,
                 {"student/sim_step": torch.tensor(float(k))})
@@ -218,7 +218,7 @@ class PhasedDecoupledDMD(DecoupledDMD, PhasedDMD):
     Config = PhasedDecoupledDMDConfig
 
     def output(self, batch: Batch, step: int):
-        x0, x_s, s, e = self.generated(batch, step, "student")
+        x0, x_s, s, e = self.generate(batch, step)
         return (x0, lambda salt, lo, hi: self.subinterval(x_s, s, e, batch, salt, lo, hi)[:2], self.sim_step(step),
                 {"phase": torch.tensor(float(self.phase(step)))})
 

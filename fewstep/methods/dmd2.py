@@ -130,7 +130,7 @@ class DMD2(Method):
     def student_loss(self, batch: Batch, step: int):
         """DM loss (eq. 7-8) + lambda_GAN * softplus(-D(x_t))."""
         c = self.cfg
-        x, _, k = self.generated(batch, step, "student")
+        x, _, k = self.generate(batch, step)
         x_t, t = timesteps.noised(self.teacher.schedule, x, batch, 1, c.t_min, c.t_max)
         loss, logs = self.distribution_matching(x, x_t, t, batch)
         return loss, {"student/sim_step": torch.tensor(float(k)), **logs}
@@ -185,7 +185,8 @@ class DMD2(Method):
     def critic_loss(self, batch: Batch, step: int):
         """Denoising loss of the fake score on detached student samples (+ GAN discriminator loss)."""
         c = self.cfg
-        x = self.generated(batch, step, "critic")[0]
+        with torch.no_grad():
+            x = self.generate(batch, step)[0]
         x_t, t = timesteps.noised(self.teacher.schedule, x, batch, 3, c.critic_t_min, c.critic_t_max)
         target = from_x0(x, x_t, t, self.critic.prediction_type, self.critic.schedule)
         return self.critic_objective(x_t, t, target, batch, lambda: timesteps.noised(

@@ -152,7 +152,7 @@ class PhasedDMD(DMD2):
     def student_loss(self, batch: Batch, step: int):
         """DM loss of the phase's expert on its subinterval (+ the optional GAN term of DMD2)."""
         c = self.cfg
-        x0, x_s, s, e = self.generated(batch, step, "student")
+        x0, x_s, s, e = self.generate(batch, step)
         x_t, t, _ = self.subinterval(x_s, s, e, batch, 1, c.t_min, c.t_max)
         loss, logs = self.distribution_matching(x0, x_t, t, batch)
         return loss, {"phase": torch.tensor(float(self.phase(step))), **logs}
@@ -160,7 +160,8 @@ class PhasedDMD(DMD2):
     def critic_loss(self, batch: Batch, step: int):
         """Score matching within the subinterval on detached expert outputs (+ DMD2's GAN discriminator)."""
         c = self.cfg
-        _, x_s, s, e = self.generated(batch, step, "critic")
+        with torch.no_grad():
+            _, x_s, s, e = self.generate(batch, step)
         x_t, t, eps_target = self.subinterval(x_s, s, e, batch, 3, c.critic_t_min, c.critic_t_max)
         sch, kind = self.critic.schedule, self.critic.prediction_type
         x0_target = (x_t - bcast(sch.sigma(t), x_t) * eps_target) / bcast(sch.alpha(t), x_t)

@@ -174,12 +174,10 @@ class SFD(SiD):
 
     def use_pairs(self, pairs: list[tuple[Cond, Cond]]) -> None:
         """Forget / override conditions (one sample each); with pairs the teacher is seen through the override map.
-        Each turn then runs its remain and forget parts as two sub-batches, so a sample the critic turn keeps for
-        the student turn (``Method.generated``) would never match a part: it is drawn without a graph."""
+        Each turn then runs its remain and forget parts as two sub-batches."""
         self.pairs = list(pairs)
         teacher = getattr(self.teacher, "inner", self.teacher)
         self.teacher = OverrideTeacher(teacher, self.pairs) if self.pairs else teacher
-        self.reuse_sample = not self.pairs
 
     @classmethod
     def build(cls, cfg: SFDConfig, parts: Parts) -> SFD:

@@ -171,7 +171,7 @@ class SiD(Method):
         x_t into both (the critic's parameters are frozen by the loop for this turn)."""
         c = self.cfg
         _, k2, k3, k4 = self.kappa
-        x_g, _, k = self.generated(batch, step, "student")
+        x_g, _, k = self.generate(batch, step)
         x_t, t = timesteps.noised(self.teacher.schedule, x_g, batch, 1, c.t_min, c.t_max)
         (y_real,) = guided(self.teacher, x_t, t, batch.cond, batch.uncond, (k4,))
         (y_fake, y_fake_2), logit = self.critic_pass(x_t, t, batch, (k2, k3), logits=c.gan_weight_student > 0)
@@ -187,7 +187,8 @@ class SiD(Method):
     def critic_loss(self, batch: Batch, step: int):
         """Denoising loss of the (kappa_1-guided) fake score on detached generator samples."""
         c = self.cfg
-        x_g = self.generated(batch, step, "critic")[0]
+        with torch.no_grad():
+            x_g = self.generate(batch, step)[0]
         x_t, t = timesteps.noised(self.teacher.schedule, x_g, batch, 3, c.critic_t_min, c.critic_t_max)
         kind = self.critic.prediction_type
         (pred,), logit_fake = self.critic_pass(x_t, t, batch, (self.kappa[0],), kind, logits=self.head is not None)

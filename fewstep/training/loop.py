@@ -131,16 +131,14 @@ class _Turns:
         self.cfg, self.method, self.model, self.params = cfg, method, model, params
         self.opts, self.ema, self.acc = opts, ema, accelerator
 
-    def run(self, turn, step: int, data, nonfinite: int, ckpt_dir) -> tuple[dict, bool]:
+    def run(self, turn, ti: int, step: int, data, nonfinite: int, ckpt_dir) -> tuple[dict, bool]:
         """``(logs, stepped)`` of ``turn`` at ``step``; raises ``NonFiniteError`` after too many skips."""
         t, acc = self.cfg.train, self.acc
         _set_turn(self.params, turn.name)
         opt, sched = self.opts[turn.name]
         opt.zero_grad(set_to_none=True)
         for micro in range(t.grad_accum):
-            # every turn of a step reads the step's batch: the critic trains on the very sample the student turn
-            # draws (as DMD2's own loop does), which lets a method draw it once (``Method.generated``)
-            batch = data.batch(step, 0, micro, acc.process_index, acc.num_processes).to(acc.device)
+            batch = data.batch(step, ti, micro, acc.process_index, acc.num_processes).to(acc.device)
             sync = acc.no_sync(self.model) if micro < t.grad_accum - 1 else nullcontext()
             with sync, acc.autocast():
                 loss, turn_logs = self.model(turn.name, batch, step)
@@ -226,10 +224,10 @@ def train(cfg, method, data, accelerator, on_sample=None) -> dict:
     trace_file = open(f"{trace}.rank{accelerator.process_index}.jsonl", "a") if trace else None
     with _stop_requests() as stop, _closing(bar, trace_file):
         while step < t.max_steps:
-            for turn in method.turns:
+            for ti, turn in enumerate(method.turns):
                 if step % turn.every:
                     continue
-                logs, stepped = turns.run(turn, step, data, nonfinite, ckpt_dir)
+                logs, stepped = turns.run(turn, ti, step, data, nonfinite, ckpt_dir)
                 updates[turn.name] += stepped
                 nonfinite = 0 if stepped else nonfinite + 1
                 log.add({**logs, **({} if stepped else {"nonfinite/count": nonfinite})})
