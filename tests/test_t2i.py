@@ -432,7 +432,8 @@ PRESET_TEACHER = {"sd15_dmd2": ("dmd2", "sd15", ()), "sdxl_dmd2_4step": ("dmd2",
                   "sdxl_lcm_lora": ("consistency", "sdxl", ("--data.source", "images")),
                   "sdxl_decoupled_dmd_4step": ("decoupled_dmd", "sdxl", ()),
                   "sd21_swiftbrush": ("swiftbrush", "sd15", ()), "sd15_pgsb": ("swiftbrush", "sd15", ()),
-                  "pixart_pgsb": ("swiftbrush", "pixart", ())}
+                  "pixart_pgsb": ("swiftbrush", "pixart", ()),
+                  "sd15_kd": ("kd", "sd15", ("--method.pairs", "2", "--method.teacher_steps", "2"))}
 
 
 def test_every_real_model_preset_is_listed_here():

@@ -32,6 +32,7 @@ class Parts(Protocol):
     timesteps: tuple[int, ...]      # the student's t-list in the teacher's units (model.student_timesteps)
     mode: str                       # "full" | "lora"
     total_steps: int                # train.max_steps: methods with stages split it
+    run_dir: str                    # train.output_dir: files a method keeps in the run folder (KD's pairs)
 
     def student(self, init_scale: float = 1.0) -> FewStepGenerator:
         """A new student on the t-list; ``init_scale`` multiplies its unit input noise."""

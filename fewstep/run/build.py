@@ -210,6 +210,7 @@ class Parts:
     model: ModelConfig
     total_steps: int
     source: object = None       # the run's batch source: ``encode`` asks it for prompt conditions
+    run_dir: str = ""           # train.output_dir (KD caches its teacher pairs there)
 
     @property
     def teacher(self) -> Denoiser:
@@ -243,7 +244,8 @@ def make_method(cfg: RunConfig, teacher: Teacher, source=None) -> Method:
     """The method ``cfg.method_name`` built by its own ``build`` on networks made from ``teacher`` (and prompt
     conditions encoded by ``source``, the run's batch source): the one way every entry script (and test) builds
     a method."""
-    return method_class(cfg.method_name).build(cfg.method, Parts(teacher, cfg.model, cfg.train.max_steps, source))
+    parts = Parts(teacher, cfg.model, cfg.train.max_steps, source, cfg.train.output_dir)
+    return method_class(cfg.method_name).build(cfg.method, parts)
 
 
 def make_source(cfg: RunConfig, teacher: Teacher):
