@@ -50,6 +50,7 @@ class FluxAdapter(TokenAdapter):
                     "proj_mlp", "proj_out")
 
     stream = 1      # both block types return (encoder_hidden_states, hidden_states)
+    time_embedding = "time_text_embed.timestep_embedder"   # summed with the guidance and pooled-text embeddings
 
     def __init__(self, model, prediction_type: str):
         super().__init__(model, prediction_type)

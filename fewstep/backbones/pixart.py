@@ -15,6 +15,8 @@ from fewstep.core.conditioning import Cond
 class PixArtAdapter(TokenAdapter):
     """``PixArtTransformer2DModel`` with the learned-sigma half of the output dropped."""
 
+    time_embedding = "adaln_single.emb.timestep_embedder"   # before the size embeddings and adaLN-single
+
     def forward(self, x_t, timestep, cond: Cond):
         added = {k: self.cast(v, x_t) for k, v in cond.added.items()} or None
         if self.model.use_additional_conditions and added is None:

@@ -17,6 +17,12 @@ from fewstep.core.conditioning import Cond
 class SanaAdapter(TokenAdapter):
     """``SanaTransformer2DModel(x_t, encoder_hidden_states=Cond.text, encoder_attention_mask=Cond.text_mask)``."""
 
+    @property
+    def time_embedding(self) -> str:
+        # guidance-embedded models sum a timestep and a guidance embedding; the others use adaLN-single
+        guided = self.model.config.guidance_embeds
+        return "time_embed.timestep_embedder" if guided else "time_embed.emb.timestep_embedder"
+
     def model_timestep(self, timestep):
         return timestep * self.model.config.timestep_scale
 

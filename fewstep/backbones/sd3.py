@@ -18,6 +18,7 @@ class SD3Adapter(TokenAdapter):
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
     stream = 1      # JointTransformerBlock returns (encoder_hidden_states, hidden_states)
+    time_embedding = "time_text_embed.timestep_embedder"   # summed with the pooled-text embedding after
 
     def forward(self, x_t, timestep, cond: Cond):
         if cond.text is None or cond.pooled is None:

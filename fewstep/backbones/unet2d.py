@@ -9,6 +9,7 @@ class UNet2DAdapter(DiffusersAdapter):
     """``UNet2DModel(x_t, timestep, class_labels=...)``; the bottleneck (``mid_block``) is tapped."""
 
     feature_modules = ("mid_block",)
+    time_embedding = "time_embedding"
 
     def forward(self, x_t, timestep, cond: Cond):
         labels = cond.labels

@@ -14,6 +14,7 @@ class UNet2DConditionAdapter(DiffusersAdapter):
     """
 
     feature_modules = ("mid_block",)
+    time_embedding = "time_embedding"
 
     def forward(self, x_t, timestep, cond: Cond):
         added = {k: self.cast(v, x_t) for k, v in cond.added.items()}

@@ -16,6 +16,7 @@ class WanAdapter(TokenAdapter):
     """``WanTransformer3DModel``; features are ``[B, D, F', H', W']`` on the patch grid."""
 
     blocks = "blocks"
+    time_embedding = "condition_embedder.time_embedder"
 
     def forward(self, x_t, timestep, cond: Cond):
         if x_t.ndim != 5:

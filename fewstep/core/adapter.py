@@ -22,6 +22,7 @@ class BackboneAdapter(nn.Module):
 
     feature_modules: tuple[str, ...] = ()   # submodules tapped for GAN heads, e.g. ("mid_block",)
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")   # attention projections
+    time_embedding: str | None = None   # submodule whose output is the timestep embedding (two_time hooks it)
 
     def __init__(self, model: nn.Module, prediction_type: str):
         super().__init__()
