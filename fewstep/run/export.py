@@ -58,6 +58,16 @@ def fused(denoiser, teacher, rank: int) -> torch.nn.Module:
     return lora.merged_copy(base, denoiser.adapter)
 
 
+def plain_student(student: FewStepGenerator, ema):
+    """``(student, ema)`` to export: a student whose backbones are not plain diffusers models (MeanFlow's two-time
+    student) makes plain ones with its ``plain()``, under its EMA weights (the copies need no EMA afterwards);
+    every other student is exported as it is."""
+    if not callable(getattr(student, "plain", None)):
+        return student, ema
+    with ema.swapped() if ema is not None else nullcontext():
+        return student.plain(), None
+
+
 def student_backbones(student: FewStepGenerator, teacher, ema, rank: int) -> list[torch.nn.Module]:
     """The student's (EMA) weights as plain diffusers backbones in float32, one per expert."""
     with ema.swapped() if ema is not None else nullcontext():
@@ -81,6 +91,7 @@ def lora_weights(student: FewStepGenerator, ema) -> dict | None:
 def export_student(cfg: RunConfig, teacher, student: FewStepGenerator, ema) -> Path:
     """Write the student (EMA weights) into the run folder as a diffusers pipeline with a model card."""
     out = Path(cfg.train.output_dir)
+    student, ema = plain_student(student, ema)
     check(teacher, student)
     models = student_backbones(student, teacher, ema, cfg.model.lora_rank)
     sched = scheduler(teacher, student)

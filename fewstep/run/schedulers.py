@@ -136,7 +136,8 @@ def scheduler_for(spec: Sampling, teacher_scheduler_config, pipeline_class: str 
     text-to-image pipeline ("" for the class-conditional ``FewStepClassPipeline``)."""
     config = _config_dict(teacher_scheduler_config)
     ts = list(spec.timesteps)
-    if spec.timestep_scaling:       # consistency students: LCM's boundary scalings
+    # consistency students (LCM's boundary scalings) and deterministic multi-step students (PCM, MeanFlow: DDIM jumps)
+    if spec.timestep_scaling or spec.renoise == "ddim":
         if spec.renoise == "fresh" and not _is_flow(config):
             from diffusers import LCMScheduler
 

@@ -1,0 +1,293 @@
+"""MeanFlow distillation: Geng, Deng, Bai, Kolter and He, "Mean Flows for One-step Generative Modeling"
+(arXiv 2505.13447), on the two-time student of ``fewstep.core.two_time``.
+
+On the flow path ``z_t = (1 - t) x + t e`` the student learns the average velocity
+``u(z_t, r, t) = 1 / (t - r) int_r^t v(z_s, s) ds`` (eq. 3), so ``z_r = z_t - (t - r) u(z_t, r, t)`` (eq. 4).
+Implemented:
+
+- the MeanFlow identity (eq. 6) ``u(z_t, r, t) = v(z_t, t) - (t - r) d/dt u(z_t, r, t)`` with the total derivative
+  ``d/dt u = v . d_z u + d_t u`` (eq. 8), one forward-mode pass (``torch.func.jvp`` on ``fewstep.core.jvp``'s
+  continuous-time denoiser and math attention) along the tangent ``(dz, dt, dr) = (v, 1, 0)``;
+- the target ``u_tgt = v - (t - r) sg(d/dt u)`` and the loss ``sg(w) ||u_theta - sg(u_tgt)||^2`` (eqs. 9-10), with
+  the paper's adaptive weighting ``w = 1 / (||Delta||^2 + c)^p`` (``||Delta||^2`` the squared L2 norm of a sample's
+  error, summed over its elements; p = 0 is plain l2, p = 0.5 pseudo-Huber-like);
+- the paper's (r, t) sampler: two draws of a logit-normal ``lognorm(mu, sigma)`` (or uniform), the larger is t and
+  the smaller r, then r = t on all but a fraction ``ratio`` of the samples (there the loss is flow matching);
+- sampling: one step ``z_0 = z_1 - u(z_1, 0, 1)``; K steps along the student's t-list with pairs (t_k, t_{k+1}),
+  t_K = 0 (eq. 4 applied K times).
+
+Distillation, not training from scratch: ``v(z_t, t)`` is the frozen teacher's velocity, guided as everywhere in
+fewstep (``v_u + w (v_c - v_u)``), where the paper regresses onto the conditional velocity ``e - x`` (and mixes CFG
+into the target with its omega, kappa). ``z_t`` is built from real samples x (``data.images`` or digits) and noise.
+
+A VP teacher on MeanFlow's path, exactly. A process ``x_s = alpha_s x + sigma_s e`` holds
+``x_s / (alpha_s + sigma_s) = (1 - t) x + t e`` with ``t = sigma_s / (alpha_s + sigma_s)``: the flow state at flow
+time t is ``z_t = x_s / (alpha_s + sigma_s)``, and the velocity ``u = eps - x0`` of the (x0, eps) a prediction
+implies. For VP (``alpha^2 + sigma^2 = 1``) ``alpha_s + sigma_s = 1 / sqrt((1 - t)^2 + t^2)`` and
+``alpha_bar_s = (1 - t)^2 / ((1 - t)^2 + t^2)``; ``FlowTime.process_time`` inverts fewstep's piecewise-linear
+``log alpha_bar`` in float64, so the teacher's own interpolated process gives exactly that SNR. Flow teachers: the
+identity map. The teacher covers flow times ``[FlowTime.lo, FlowTime.hi]`` (the flow times of its t = 0 and 1;
+cosine VP: 0.006 .. 1 - 5e-5) and t is clamped into it; r needs no teacher and keeps [0, t].
+The offset embedding sees ``t - r`` in flow time (what MeanFlow feeds its network), the backbone its own time s.
+
+Sampling as data. On a t-list of teacher grid times s_k (t_k their flow times), step k is the DDIM (eta = 0) jump
+``x_{s_{k+1}} = alpha x0 + sigma eps`` with the (x0, eps) the student implies at (z_{t_k}, r = t_{k+1}), since
+``z_t - (t - r)(eps - x0) = (1 - r) x0 + r eps``. At a fixed (t, r) the offset embedding adds the constant
+``e(t - r)`` to the output of the backbone's ``TimestepEmbedding``, i.e. to its ``linear_2.bias``. So
+``MeanFlowStudent.plain()`` folds each step's ``e(t_k - t_{k+1})`` into a plain copy of the backbone, one expert per
+step (Phased DMD's per-step experts), sampled by ``FewStepScheduler(renoise="ddim")`` (one step: the stock
+LCM / FlowMatchLCM scheduler): plain diffusers, no extra module. An exported K-step student samples its K steps
+(``num_inference_steps=K``, the default); fewer steps would give an expert another r.
+
+Paper facts used (arXiv 2505.13447, sections 3-4 and the Table 1 ablations; the stored copy of the paper served
+only its abstract, so these are as recalled from the paper and agree with the defaults of a public
+reimplementation): tangent (v, 0, 1) on (z, r, t); conditioning (t, t - r); lognorm(-0.4, 1.0) the best time
+sampler; 25% of samples with r != t the best ratio; p = 1 the best weighting, c = 1e-3; one- and two-step sampling
+by eq. 4.
+
+Config fields -> paper symbols: ``guidance_scale`` = the teacher's CFG w (1 = none); ``ratio`` = the fraction of
+r != t; ``time_sampler`` = the (t, r) distribution, ``time_mu`` / ``time_sigma`` = lognorm's (mu, sigma);
+``weight_p`` / ``weight_c`` = p, c of the adaptive weight. Full mode only (the folded export needs the student's own
+weights); no GAN head.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fewstep.core.adapter import adapter_for
+from fewstep.core.conditioning import Batch, Cond
+from fewstep.core.denoiser import Denoiser
+from fewstep.core.generator import FewStepGenerator
+from fewstep.core.guidance import cfg as guided
+from fewstep.core.jvp import continuous, jvp_attention
+from fewstep.core.schedules import NoiseSchedule, bcast
+from fewstep.core.two_time import PREFIX, attach, embedding_of, offset
+from fewstep.errors import ConfigError
+from fewstep.methods.base import Method, Parts, Turn, has_real_images, require
+
+SAMPLERS = ("logit_normal", "uniform")
+MAX_STEPS = 4       # one expert per step; the exported class pipeline holds at most four
+
+
+@dataclass
+class MeanFlowConfig:
+    """MeanFlow hyperparameters (see the module docstring for the paper symbols)."""
+
+    guidance_scale: float = 1.25
+    ratio: float = 0.25
+    time_sampler: str = "logit_normal"
+    time_mu: float = -0.4
+    time_sigma: float = 1.0
+    weight_p: float = 1.0
+    weight_c: float = 1e-3
+
+
+class FlowTime:
+    """A teacher's process seen on MeanFlow's path ``z_t = (1 - t) x + t e`` (module docstring): flow time t <->
+    process time s, state ``x_s = scale(t) z_t``, and the velocity ``eps - x0`` of a prediction."""
+
+    def __init__(self, schedule: NoiseSchedule, prediction_type: str):
+        if schedule.kind not in ("vp", "flow") or (schedule.kind == "vp" and prediction_type == "flow_prediction"):
+            raise ConfigError(f"MeanFlow needs a VP (epsilon / v / sample) or rectified-flow teacher; this one is "
+                              f"{schedule.kind} with {prediction_type}")
+        self.schedule, self.kind = schedule, prediction_type
+        self.lo, self.hi = (float(v) for v in self.of(torch.tensor([0.0, 1.0])))
+
+    def of(self, s: Tensor) -> Tensor:
+        """The flow time ``sigma_s / (alpha_s + sigma_s)`` of process time s (float64)."""
+        a, sg = self.schedule.alpha(s, torch.float64), self.schedule.sigma(s, torch.float64)
+        return sg / (a + sg)
+
+    def scale(self, t: Tensor) -> Tensor:
+        """``alpha_s + sigma_s`` at flow time t: ``x_s = scale z_t``."""
+        t = t.double()
+        return torch.ones_like(t) if self.schedule.kind == "flow" else ((1 - t) ** 2 + t ** 2).rsqrt()
+
+    def process_time(self, t: Tensor) -> Tensor:
+        """The process time s whose SNR is flow time t's: VP inverts the linear interpolation of ``log alpha_bar``
+        (differentiable in t: the segment index is piecewise constant)."""
+        if self.schedule.kind == "flow":
+            return t
+        t, table = t.double(), self.schedule.log_abar.to(t.device)
+        log_abar = 2 * torch.log1p(-t) - torch.log((1 - t) ** 2 + t ** 2)
+        lo = (torch.searchsorted(-table, -log_abar.detach()) - 1).clamp(0, len(table) - 2)
+        k = lo + (log_abar - table[lo]) / (table[lo + 1] - table[lo])
+        return (k / (len(table) - 1)).clamp(0, 1).float()
+
+    def velocity(self, raw: Tensor, z: Tensor, t: Tensor) -> Tensor:
+        """``u = eps - x0`` of a backbone output ``raw`` at ``(x_s, s)``, float64 (x0 and eps in the flow's own
+        alpha = (1 - t) scale, sigma = t scale)."""
+        if self.kind == "flow_prediction":
+            return raw.double()
+        raw, t, c = raw.double(), bcast(t.double(), z.double()), bcast(self.scale(t), z.double())
+        a, sg, x = (1 - t) * c, t * c, c * z.double()
+        if self.kind == "v_prediction":
+            n2 = a * a + sg * sg
+            return ((sg - a) * x + (a + sg) * raw) / n2
+        if self.kind == "epsilon":
+            return raw - (x - sg * raw) / a
+        return (x - a * raw) / sg - raw
+
+
+def velocity_of(d: Denoiser, ft: FlowTime, z: Tensor, t: Tensor, cond: Cond, r: Tensor | None = None,
+                uncond: Cond | None = None, w: float = 1.0) -> Tensor:
+    """``u(z_t, r, t)`` of denoiser d at flow times (``r=None``: its instantaneous velocity v; ``uncond``: guided
+    ``v_u + w (v_c - v_u)``), float64. The offset is ``t - r`` in flow time."""
+    x = bcast(ft.scale(t), z.double()) * z.double()
+    s = ft.process_time(t)
+    with offset(d.backbone, t, r, len(z)) if r is not None else nullcontext():
+        if uncond is None:
+            raw = d(x, s, cond, d.prediction_type, torch.float64)
+        else:
+            raw = guided(d, x, s, cond, uncond, w, d.prediction_type, torch.float64)
+    return ft.velocity(raw, z, t)
+
+
+def meanflow_loss(u: Tensor, v: Tensor, du_dt: Tensor, t: Tensor, r: Tensor, p: float, c: float):
+    """``(loss, ||Delta||^2)``: ``mean_b sg(w_b) ||Delta_b||^2``, ``Delta = u - sg(v - (t - r) du/dt)``,
+    ``w = 1 / (||Delta||^2 + c)^p``, in float32."""
+    u_tgt = v.float() - bcast(t - r, v.float()) * du_dt.float()
+    sq = (u.float() - u_tgt.detach()).pow(2).flatten(1).sum(1)
+    w = (sq.detach() + c).pow(-p)
+    return (w * sq).mean(), sq
+
+
+def draw_times(u1: Tensor, u2: Tensor, coin: Tensor, cfg: MeanFlowConfig) -> tuple[Tensor, Tensor]:
+    """(t, r) from three U[0, 1) draws per sample: larger / smaller of two draws, r = t unless ``coin < ratio``."""
+    def one(u):
+        if cfg.time_sampler == "uniform":
+            return u
+        return torch.sigmoid(cfg.time_mu + cfg.time_sigma * math.sqrt(2) * torch.erfinv(2 * u - 1))
+    a, b = one(u1), one(u2)
+    t, r = torch.maximum(a, b), torch.minimum(a, b)
+    return t, torch.where(coin < cfg.ratio, r, t)
+
+
+class MeanFlowStudent(FewStepGenerator):
+    """The two-time student on its t-list: samples by eq. 4; ``plain()`` folds it into per-step plain experts."""
+
+    def __init__(self, denoiser: Denoiser, t_list, ft: FlowTime):
+        super().__init__(denoiser, t_list, renoise="ddim" if len(t_list) > 1 else "fresh")
+        self.ft = ft
+
+    def pairs(self) -> tuple[Tensor, Tensor]:
+        """The flow times (t_k, r_k = t_{k+1}) of each step, t_K = 0, float64 (kept on the t-list's device)."""
+        t = self.ft.of(self.t_list.cpu()).to(self.t_list.device)
+        return t, torch.cat([t[1:], t.new_zeros(1)])
+
+    @torch.no_grad()
+    def sample(self, noise: Tensor, cond: Cond, generator=None, steps: int | None = None) -> Tensor:
+        if steps not in (None, self.K):
+            raise ValueError(f"a MeanFlow student samples its {self.K} trained step(s) (each step is one (t, r) "
+                             f"pair of its t-list), not {steps}")
+        t, r = self.pairs()
+        z = noise.double() / bcast(self.ft.scale(t[:1]), noise.double())      # the input noise is x_s at s_0
+        for k in range(self.K):
+            tk, rk = (v[k].expand(len(z)) for v in (t, r))
+            z = z - bcast(tk - rk, z) * velocity_of(self.denoiser, self.ft, z, tk, cond, rk)
+        return z.to(noise.dtype)
+
+    def plain(self) -> FewStepGenerator:
+        """The same sampler on plain diffusers backbones: step k's ``e(t_k - r_k)`` folded into the bias of the time
+        embedding's last linear layer of its own copy (the module docstring)."""
+        d = self.denoiser
+        model, embedding = d.backbone.model, embedding_of(d.backbone.model)
+        bias = f"{d.backbone.time_embedding}.linear_2.bias"
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith(f"{PREFIX}.")}
+        t, r = self.pairs()
+        experts = []
+        for k in range(self.K):
+            with torch.no_grad():
+                # t - r as ``offset`` forms it during sampling (float32 times, then the difference)
+                shift = embedding((t[k].float() - r[k].float()).reshape(1).to(state[bias].device))[0]
+            copy_ = type(model).from_config(model.config)
+            copy_.load_state_dict({**state, bias: state[bias] + shift.to(state[bias].dtype)})
+            copy_ = copy_.to(state[bias].device, state[bias].dtype).eval()
+            experts.append(Denoiser(adapter_for(copy_, d.prediction_type), d.schedule))
+        return FewStepGenerator(experts, self.t_list, renoise=self.renoise, phase_of_step=list(range(self.K)))
+
+
+def _check_foldable(backbone) -> None:
+    module = backbone.model.get_submodule(backbone.time_embedding)
+    if getattr(module, "post_act", None) is not None or module.linear_2.bias is None:
+        raise ConfigError(f"{type(backbone.model).__name__}'s time embedding has no plain last bias to fold the "
+                          "MeanFlow offset into (post_act or bias=False); MeanFlow cannot export this backbone")
+
+
+class MeanFlow(Method):
+    """MeanFlow distillation with one ``Turn("student")``."""
+
+    name = "meanflow"
+    Config = MeanFlowConfig
+    turns = (Turn("student"),)
+
+    @classmethod
+    def build(cls, cfg: MeanFlowConfig, parts: Parts) -> MeanFlow:
+        return cls(cfg, parts.teacher, parts.student())
+
+    @classmethod
+    def validate(cls, cfg: MeanFlowConfig, model, data) -> None:
+        require(cfg.guidance_scale >= 0, f"method.guidance_scale {cfg.guidance_scale} must be >= 0 (uncond + w (cond "
+                "- uncond); 1 = no guidance)")
+        require(0 <= cfg.ratio <= 1, f"method.ratio {cfg.ratio} must be in [0, 1] (the fraction of samples with "
+                "r != t)")
+        require(cfg.time_sampler in SAMPLERS, f"method.time_sampler {cfg.time_sampler!r} is not known; use "
+                f"{' or '.join(SAMPLERS)}")
+        require(cfg.time_sigma > 0, f"method.time_sigma {cfg.time_sigma} must be > 0 (lognorm's sigma)")
+        require(cfg.weight_p >= 0, f"method.weight_p {cfg.weight_p} must be >= 0 (0 = plain l2)")
+        require(cfg.weight_c > 0, f"method.weight_c {cfg.weight_c} must be > 0 (w = 1 / (||Delta||^2 + c)^p)")
+        require(model.mode == "full", "model.mode lora: a MeanFlow student folds its offset embedding into its own "
+                "time-embedding bias at export; set model.mode full")
+        require(not model.gan_head, "model.gan_head true: MeanFlow has no discriminator; set model.gan_head false")
+        require(1 <= len(model.student_timesteps) <= MAX_STEPS, f"model.student_timesteps "
+                f"{list(model.student_timesteps)}: MeanFlow exports one expert per step; use 1 to {MAX_STEPS} steps")
+        require(has_real_images(data), f"MeanFlow builds z_t from real samples and data.source {data.source!r} has "
+                "none; set data.images to a folder of real images (captions in <name>.txt), data.source images")
+
+    def __init__(self, cfg: MeanFlowConfig, teacher: Denoiser, student: FewStepGenerator):
+        super().__init__()
+        self.cfg, self.teacher = cfg, teacher.requires_grad_(False)
+        self.ft = FlowTime(teacher.schedule, teacher.prediction_type)
+        top = float(teacher.schedule.timestep(torch.tensor(1.0)))
+        first = float(student.denoiser.schedule.timestep(student.t_list[:1].cpu())[0])
+        if abs(first - top) > 1e-3:
+            raise ConfigError(f"model.student_timesteps starts at {first:g}: a MeanFlow student maps the noise at "
+                              f"t = 1; start the list at {top:g}")
+        attach(student.denoiser.backbone)
+        _check_foldable(student.denoiser.backbone)
+        self.student = MeanFlowStudent(student.denoiser, student.t_list, self.ft)
+
+    def trainable(self):
+        return {"student": self.student.denoiser.trainable_parameters()}
+
+    def checkpoint_modules(self):
+        return {"student": self.student}
+
+    def loss_terms(self, x: Tensor, e: Tensor, t: Tensor, r: Tensor, cond: Cond, uncond: Cond):
+        """The loss of eqs. 9-10 at given data, noise and times: ``(loss, logs)``."""
+        t = t.clamp(self.ft.lo, self.ft.hi)
+        r = torch.minimum(r, t)
+        z = bcast(1 - t, x) * x + bcast(t, x) * e
+        with torch.no_grad():
+            v = velocity_of(continuous(self.teacher), self.ft, z, t, cond, uncond=uncond,
+                            w=self.cfg.guidance_scale).to(z.dtype)
+        student = continuous(self.student.denoiser)
+        with jvp_attention():
+            u, du_dt = torch.func.jvp(lambda z_, t_: velocity_of(student, self.ft, z_, t_, cond, r),
+                                      (z, t), (v, torch.ones_like(t)))
+        loss, sq = meanflow_loss(u, v, du_dt.detach(), t, r, self.cfg.weight_p, self.cfg.weight_c)
+        return loss, {"loss/student/meanflow": loss.detach(), "meanflow/mse": sq.detach().mean() / x[0].numel(),
+                      "meanflow/r_neq_t": (r < t).float().mean(), "meanflow/t_minus_r": (t - r).mean()}
+
+    def forward(self, turn: str, batch: Batch, step: int):
+        if turn != "student":
+            raise ValueError(f"MeanFlow has one turn, 'student', not {turn!r}")
+        x = batch.x0_real.float()
+        cond = batch.cond_real if batch.cond_real is not None else batch.cond
+        t, r = draw_times(batch.rand(0, x.device), batch.rand(1, x.device), batch.rand(2, x.device), self.cfg)
+        return self.loss_terms(x, batch.randn_like(x, 3), t, r, cond, batch.uncond)
