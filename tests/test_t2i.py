@@ -433,7 +433,9 @@ PRESET_TEACHER = {"sd15_dmd2": ("dmd2", "sd15", ()), "sdxl_dmd2_4step": ("dmd2",
                   "sdxl_decoupled_dmd_4step": ("decoupled_dmd", "sdxl", ()),
                   "sd21_swiftbrush": ("swiftbrush", "sd15", ()), "sd15_pgsb": ("swiftbrush", "sd15", ()),
                   "pixart_pgsb": ("swiftbrush", "pixart", ()),
-                  "sd15_kd": ("kd", "sd15", ("--method.pairs", "2", "--method.teacher_steps", "2"))}
+                  "sd15_kd": ("kd", "sd15", ("--method.pairs", "2", "--method.teacher_steps", "2")),
+                  "sd15_guidance_lora": ("guidance_lora", "sd15", ("--data.source", "images",
+                                                                   "--method.sample_steps", "2"))}
 
 
 def test_every_real_model_preset_is_listed_here():

@@ -31,7 +31,17 @@ TWO_EXPERT_PIPELINES = {"WanPipeline": "transformer_2"}
 
 
 def scheduler(teacher, student: FewStepGenerator):
-    """The scheduler that reproduces the student's sampler in the exported pipeline."""
+    """The scheduler that reproduces the student's sampler in the exported pipeline; the teacher's own for a student
+    that ``samples_as_teacher`` (a guidance-distilled teacher keeps the teacher's sampler and step count)."""
+    if getattr(student, "samples_as_teacher", False):
+        import diffusers
+
+        config = dict(teacher.scheduler_config)
+        cls = getattr(diffusers, str(config.get("_class_name")), None)
+        if cls is None:
+            raise ConfigError(f"the teacher's scheduler {config.get('_class_name')!r} is not a diffusers scheduler "
+                              "this export can write; use a teacher saved with a stock scheduler")
+        return cls.from_config(config)
     try:
         return scheduler_for(student.sampling(), teacher.scheduler_config, teacher.pipeline_class)
     except ValueError as e:
@@ -105,6 +115,8 @@ def export_student(cfg: RunConfig, teacher, student: FewStepGenerator, ema) -> P
         folders = ["unet", *experts]
     else:
         folders = _save_text_to_image(cfg, teacher, student, models, lora_weights(student, ema), sched, tmp)
+    if callable(getattr(student, "model_card", None)):     # a student that is no few-step sampler describes itself
+        (tmp / "README.md").write_text(student.model_card(cfg, teacher, tmp))
     # the run folder also reloads as a FewStepGenerator (FewStepGenerator.from_pretrained), without a preset
     student.save_config(tmp, folders)
     for entry in tmp.iterdir():

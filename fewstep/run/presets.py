@@ -14,9 +14,12 @@ from fewstep.methods.consistency import ConsistencyConfig
 from fewstep.methods.decoupled_dmd import DecoupledDMDConfig, PhasedDecoupledDMDConfig
 from fewstep.methods.dmd2 import DMD2Config
 from fewstep.methods.fdistill import FDistillConfig
+from fewstep.methods.guidance_lora import GuidanceLoRAConfig
 from fewstep.methods.kd import KDConfig
 from fewstep.methods.meanflow import MeanFlowConfig
 from fewstep.methods.phased_dmd import PhasedDMDConfig
+from fewstep.methods.rcm import RCMConfig
+from fewstep.methods.scm import SCMConfig
 from fewstep.methods.sfd import SFDConfig
 from fewstep.methods.sid import SiDConfig, sid_timesteps
 from fewstep.methods.swiftbrush import SwiftBrushConfig
@@ -572,6 +575,82 @@ def digits_meanflow_2step() -> RunConfig:
     cfg.train.output_dir = "runs/meanflow_digits_2step"
     return cfg
 
+
+# ------------------------------------------------------------------------------------------ guidance-distilled LoRA
+def digits_guidance_lora() -> RunConfig:
+    """Guidance-distilled LoRA (arXiv 2312.06899) on the bundled digits teacher: a rank-8 LoRA learns the teacher's
+    CFG 1.25 (digits_dmd2's real-score guidance) in one pass, on real digits noised over the whole t range. Adam lr
+    1e-3 (LoRA), 400 steps of 32, EMA 0.99: our choices for a CPU-minutes job, not tuned. No metrics.json: it scores
+    few-step students, and this output is a 50-step DDIM teacher (``guidance_scale=1``)."""
+    return RunConfig(
+        method_name="guidance_lora",
+        method=GuidanceLoRAConfig(guidance_scale=1.25, x0_source="real", sample_steps=50),
+        model=ModelConfig(mode="lora", lora_rank=8, gan_head=False),
+        data=DataConfig(source="digits", batch_size=32),
+        train=TrainConfig(output_dir="runs/guidance_lora_digits", max_steps=400, ema_decay=0.99, sample_every=400,
+                          checkpoint_every=200, evaluate=False),
+        optim={"student": OptimConfig(lr=1e-3, weight_decay=0.0)},
+    )
+
+
+def sd15_guidance_lora() -> RunConfig:
+    """Guidance-distilled LoRA SD1.5 at CFG 7.5 (StableDiffusionPipeline's default) on SD-generated images
+    (``data.images``; the paper's code README names DiffusionDB) with their captions. The paper's rank, learning rate,
+    batch and steps could not be read, so rank 64, lr 1e-4, batch 16, 10k steps, bf16 teacher and mixed precision are
+    our choices, not published values."""
+    return RunConfig(
+        method_name="guidance_lora",
+        method=GuidanceLoRAConfig(guidance_scale=7.5, x0_source="real", sample_steps=25),
+        model=ModelConfig(teacher="stable-diffusion-v1-5/stable-diffusion-v1-5", mode="lora", lora_rank=64,
+                          teacher_dtype="bfloat16", gan_head=False),
+        data=DataConfig(source="images", batch_size=16, prompts="data/prompts.txt", images="data/images"),
+        train=TrainConfig(output_dir="runs/sd15_guidance_lora", max_steps=10_000, ema_decay=0.0,
+                          mixed_precision="bf16", sample_every=1000, checkpoint_every=1000, evaluate=False),
+        optim={"student": OptimConfig(lr=1e-4, warmup_steps=500, weight_decay=0.0)},
+    )
+
+
+# ------------------------------------------------------------------------------------------ sCM / rCM
+def digits_scm() -> RunConfig:
+    """sCM (Lu & Song, arXiv 2410.11081), continuous-time consistency distillation of the bundled digits teacher ->
+    a one-step student: TrigFlow with sigma_d 0.5, the paper's CIFAR-10 proposal (P_mean -1.0, P_std 1.4), tangent
+    normalisation c = 0.1, adaptive weighting; the teacher's PF-ODE at CFG 1.25 (digits_dmd2's real-score guidance);
+    x_t from the real digits. Tangent warm-up over 200 of the 1000 steps (the paper's 10k is for runs of 100k+),
+    Adam lr 1e-4 without weight decay, EMA 0.99: our choices for this CPU-sized job. Not tuned: no full run was made."""
+    return RunConfig(
+        method_name="scm",
+        method=SCMConfig(guidance_scale=1.25, sigma_d=0.5, p_mean=-1.0, p_std=1.4, tangent_c=0.1, tangent_warmup=200),
+        model=ModelConfig(student_timesteps=(999,), gan_head=False),
+        data=DataConfig(source="digits", batch_size=32),
+        train=TrainConfig(output_dir="runs/scm_digits", max_steps=1000, ema_decay=0.99, sample_every=250,
+                          checkpoint_every=250),
+        optim={"student": OptimConfig(lr=1e-4, weight_decay=0.0)},
+    )
+
+
+def digits_scm_2step() -> RunConfig:
+    """sCM, 2 steps on [999, 499]: x0 at 999, fresh noise to 499, x0 again (the paper's two-step sampler on this
+    t-list; training does not depend on the steps)."""
+    cfg = digits_scm()
+    cfg.model.student_timesteps = (999, 499)
+    cfg.train.output_dir = "runs/scm_digits_2step"
+    return cfg
+
+
+def digits_rcm() -> RunConfig:
+    """rCM (Zheng et al., arXiv 2510.08431) on the bundled digits teacher -> a one-step student: digits_scm's sCM
+    term plus 0.01 x DMD2's (the paper's relative weight), DMD2's critic and TTUR 5 (rCM's student update
+    frequency), the same teacher CFG 1.25 for both terms, no GAN; critic at digits_dmd2's lr 1e-4. Our choices
+    otherwise (digits_scm's); not tuned: no full run was made."""
+    cfg = digits_scm()
+    cfg.method_name = "rcm"
+    cfg.method = RCMConfig(guidance_scale=1.25, sigma_d=0.5, p_mean=-1.0, p_std=1.4, tangent_c=0.1,
+                           tangent_warmup=200, student_every=5, dmd_weight=0.01)
+    cfg.train.output_dir = "runs/rcm_digits"
+    cfg.optim = {"student": OptimConfig(lr=1e-4, weight_decay=0.0), "critic": OptimConfig(lr=1e-4)}
+    return cfg
+
+
 PRESETS = {
     "dmd2": {"digits_dmd2": digits_dmd2,
              "digits_dmd2_2step": with_steps(digits_dmd2, (999, 499), "runs/dmd2_digits_2step"),
@@ -601,6 +680,9 @@ PRESETS = {
     "sfd": {"digits_sfd": digits_sfd, "sd15_sfd": sd15_sfd},
     "kd": {"digits_kd": digits_kd, "digits_kd_4step": digits_kd_4step, "sd15_kd": sd15_kd},
     "meanflow": {"digits_meanflow": digits_meanflow, "digits_meanflow_2step": digits_meanflow_2step},
+    "scm": {"digits_scm": digits_scm, "digits_scm_2step": digits_scm_2step},
+    "rcm": {"digits_rcm": digits_rcm},
+    "guidance_lora": {"digits_guidance_lora": digits_guidance_lora, "sd15_guidance_lora": sd15_guidance_lora},
 }
 
 
