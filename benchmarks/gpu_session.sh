@@ -13,7 +13,7 @@ python3 benchmarks/step_time.py --device cuda --precision fp32 --steps 100 --war
 python3 benchmarks/sd15_lora_memory.py --device cuda --batch 1 --steps 3 --json $OUT/sd15_b1.json | tail -3
 python3 benchmarks/sd15_lora_memory.py --device cuda --batch 4 --steps 3 --json $OUT/sd15_b4.json | tail -3
 python3 -c "
-from pathlib import Path; from fewstep.run.report import teacher_reference
+from pathlib import Path; from fewstep.run.report import fixed_teacher_reference as teacher_reference
 import json; print(json.dumps(teacher_reference(Path('fewstep/assets/digits_teacher'), 2000)))" > $OUT/teacher_reference.json
 S="--train.sample_every 500 --train.checkpoint_every 500"
 timeout 420 python3 benchmarks/sweep.py --out /tmp/sweep --jobs 10 --threads 1 \

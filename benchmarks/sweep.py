@@ -49,21 +49,40 @@ def main():
                 m = args.out / name / "metrics.json"
                 row = {"name": name, "overrides": over, "rc": proc.returncode, "wall_s": time.time() - t0}
                 if m.is_file():
-                    mm = json.loads(m.read_text())
-                    row.update(acc=mm["student"]["accuracy"], fd=mm["student"]["fd_digits"],
-                               fd_std=mm["student"]["fd_digits_std"], ratio=mm["fd_ratio_to_teacher"],
-                               ratio_1step=mm["fd_ratio_to_teacher_one_step"], updates=mm["updates"])
+                    row.update(figures(json.loads(m.read_text())))
                 done.append(row)
                 print(json.dumps(row), flush=True)
         time.sleep(1)
     (args.out / "sweep.json").write_text(json.dumps(done, indent=2))
-    lines = ["| run | overrides | acc | FD-digits | ratio to teacher 50-step | wall s |", "|---|---|---|---|---|---|"]
-    for r in done:
-        lines.append(f"| {r['name']} | `{r['overrides']}` | {r.get('acc', float('nan')):.3f} | "
-                     f"{r.get('fd', float('nan')):.1f} ± {r.get('fd_std', float('nan')):.1f} | "
-                     f"{r.get('ratio', float('nan')):.3f} | {r['wall_s']:.0f} |")
-    (args.out / "sweep.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = table(done)
+    (args.out / "sweep.md").write_text(text)
+    print(text)
+
+
+def figures(m: dict) -> dict:
+    """A sweep row's figures from a run's metrics.json: ratios to the teacher at its best (the reference)."""
+    s, nan = m["student"], float("nan")
+    return {"acc": s["accuracy"], "fd": s["fd_digits"], "fd_std": s["fd_digits_std"],
+            "fd_net2": s.get("fd_digits_net2", nan), "precision": s.get("precision", nan),
+            "recall": s.get("recall", nan), "ratio": m["fd_ratio_to_teacher"],
+            "ratio_net2": m.get("fd_ratio_to_teacher_net2", nan), "recall_ratio": m.get("recall_ratio_to_teacher", nan),
+            "reference": m.get("reference", "teacher at 50 DDIM steps, CFG 2"),
+            "copies": m.get("memorisation", {}).get("copies"), "updates": m["updates"]}
+
+
+def table(rows: list[dict]) -> str:
+    refs = sorted({r["reference"] for r in rows if "reference" in r})
+    lines = [f"Ratios divide by: {'; '.join(refs)}.", "",
+             "| run | overrides | acc | FD-digits | FD ratio (net 1 / net 2) | precision | recall (ratio) | "
+             "copies | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    nan = float("nan")
+    for r in rows:
+        lines.append(f"| {r['name']} | `{r['overrides']}` | {r.get('acc', nan):.3f} | "
+                     f"{r.get('fd', nan):.1f} ± {r.get('fd_std', nan):.1f} | "
+                     f"{r.get('ratio', nan):.2f} / {r.get('ratio_net2', nan):.2f} | {r.get('precision', nan):.3f} | "
+                     f"{r.get('recall', nan):.3f} ({r.get('recall_ratio', nan):.2f}) | {r.get('copies')} | "
+                     f"{r['wall_s']:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -133,7 +133,7 @@ def teacher_rows(teacher: Path, steps_list: list[int], w: float, n: int, seeds: 
     """Teacher quality at each step count; the 50-step figures come from report.teacher_reference (cached
     beside the teacher) when the guidance matches the one it uses."""
     from fewstep.digits import scoring as digits_eval
-    from fewstep.run.report import teacher_reference
+    from fewstep.run.report import fixed_teacher_reference as teacher_reference
 
     pipe, rows = pipeline(teacher), []
     for steps in steps_list:
@@ -356,9 +356,31 @@ def read_run(run: Path) -> tuple[dict, dict]:
         raise SkipRun(f"unreadable metrics.json or config.json ({type(e).__name__}: {e})") from None
 
 
-def run_facts(run: Path, m: dict, cfg: dict) -> dict:
-    """Method, steps, teacher, accuracy, FD ratio, wall time and updates of one training run."""
+FIXED_REFERENCE = "the teacher at 50 DDIM steps, CFG 2 (a fixed setting, not its best)"
+
+
+def best_reference(cfg: dict, st: dict) -> tuple[float, str]:
+    """FD-digits and description of the teacher at its best (`teacher_grid.teacher_best`, read from its cache) at
+    the protocol a run was evaluated with: the reference for a run evaluated before metrics.json carried it."""
+    from fewstep.digits import DIGITS_TEACHER
+    from fewstep.digits.teacher_grid import label, teacher_best
+
+    teacher = (cfg.get("model") or {}).get("teacher") or DIGITS_TEACHER
+    try:
+        grid = teacher_best(teacher, st["num_samples"], compute=False)
+    except LookupError as e:
+        raise SkipRun(str(e)) from None
+    return grid["best"]["fd_digits"], f"the teacher at its best: {label(grid['best'])} ({grid['protocol']})"
+
+
+def run_facts(run: Path, m: dict, cfg: dict, rebase: bool = False) -> dict:
+    """Method, steps, teacher, accuracy, FD ratio, wall time and updates of one training run. The ratio divides by
+    the reference its metrics.json names; `rebase` divides a run scored against the fixed CFG-2 teacher by the
+    teacher at its best instead (the student's figures are the run's own)."""
     st, updates = m["student"], m.get("updates", {})
+    ref_fd, reference = m["teacher"]["fd_digits"], m.get("reference", FIXED_REFERENCE)
+    if rebase and "reference" not in m:
+        ref_fd, reference = best_reference(cfg, st)
     wall = m.get("train_seconds", m.get("wall_seconds"))
     approx = wall is None and (run / "unet").is_dir()
     if approx:   # config.json is written when training starts, the exported unet when it ends
@@ -368,12 +390,13 @@ def run_facts(run: Path, m: dict, cfg: dict) -> dict:
     if (cfg.get("method") or {}).get("segment_schedule"):     # segmented consistency (Hyper-SD TSCD)
         method += " (TSCD)"
     return {"run": str(run), "method": method, "steps": st.get("steps"), "teacher": teacher_of(cfg),
-            "accuracy": st["accuracy"], "fd_ratio": m["fd_ratio_to_teacher"],
-            "fd_ratio_seed_std": st.get("fd_digits_std", 0.0) / m["teacher"]["fd_digits"],
+            "accuracy": st["accuracy"], "fd_ratio": st["fd_digits"] / ref_fd if rebase else m["fd_ratio_to_teacher"],
+            "fd_ratio_seed_std": st.get("fd_digits_std", 0.0) / ref_fd, "reference": reference,
+            "precision": st.get("precision"), "recall": st.get("recall"),
             "wall_seconds": wall, "wall_approx": approx, "generator_updates": gen, "updates": updates}
 
 
-def collect_runs(paths: list[str]) -> tuple[list[dict], list[tuple[Path, str]]]:
+def collect_runs(paths: list[str], rebase: bool = False) -> tuple[list[dict], list[tuple[Path, str]]]:
     """Facts of each usable run under ``paths``, and (folder, reason) for each one left out. A folder whose
     metrics.json equals an earlier one's is a copy of that run: counted once, or its row's spread shrinks."""
     runs, skipped = find_runs(paths)
@@ -381,7 +404,7 @@ def collect_runs(paths: list[str]) -> tuple[list[dict], list[tuple[Path, str]]]:
     for run in runs:
         try:
             m, cfg = read_run(run)
-            fact = run_facts(run, m, cfg)
+            fact = run_facts(run, m, cfg, rebase)
         except SkipRun as e:
             skipped.append((run, str(e)))
             continue
@@ -403,7 +426,11 @@ def pool(fs: list[dict]) -> dict:
     # spread: std over runs (seeds) when there are several, else the std over evaluation seeds
     spread = float(np.std(ratios)) if len(fs) > 1 else fs[0]["fd_ratio_seed_std"]
     walls = [f["wall_seconds"] for f in fs if f["wall_seconds"] is not None]
+    pr = [(f["precision"], f["recall"]) for f in fs if f.get("recall") is not None]
     return {"method": fs[0]["method"], "steps": fs[0]["steps"], "teacher": fs[0]["teacher"], "runs": len(fs),
+            "reference": fs[0]["reference"],
+            "precision": float(np.mean([p for p, _ in pr])) if pr else None,
+            "recall": float(np.mean([r for _, r in pr])) if pr else None,
             "accuracy": float(np.mean([f["accuracy"] for f in fs])),
             "fd_ratio": float(np.mean(ratios)), "fd_ratio_spread": spread,
             "wall_seconds": float(np.mean(walls)) if walls else None,
@@ -412,26 +439,30 @@ def pool(fs: list[dict]) -> dict:
             "run_dirs": [f["run"] for f in fs]}
 
 
-def methods_table(paths: list[str], out: Path) -> Path:
-    facts, skipped = collect_runs(paths)
+def methods_table(paths: list[str], out: Path, rebase: bool = False) -> Path:
+    facts, skipped = collect_runs(paths, rebase)
     for folder, why in skipped:
         print(f"skipped {folder}: {why}", file=sys.stderr)
     if not facts:
         raise SystemExit("error: no run folder with metrics.json and config.json found under " + " ".join(paths))
     groups: dict[tuple, list[dict]] = {}
     for f in facts:     # runs of other teachers (or text-to-image runs) are other experiments: never pooled
-        groups.setdefault((f["method"], f["steps"], f["teacher"]), []).append(f)
+        groups.setdefault((f["method"], f["steps"], f["teacher"], f["reference"]), []).append(f)
     rows = [pool(fs) for _, fs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2]))]
     status(f"{len(facts)} run(s) in {len(rows)} row(s); {len(skipped)} folder(s) skipped")
+    refs = sorted({r["reference"] for r in rows})
     lines = ["# Methods x steps x teacher (digits)", "",
-             NOTE + " FD ratio = student FD-digits / teacher 50-step FD-digits.", "",
-             "| method | steps | teacher | runs | class accuracy | FD ratio (mean ± spread) | wall time (s) | "
-             "generator updates |",
-             "|---|---|---|---|---|---|---|---|"]
+             NOTE + " FD ratio = student FD-digits / the reference's FD-digits; references: "
+             + "; ".join(f"[{i + 1}] {ref}" for i, ref in enumerate(refs)) + ".", "",
+             "| method | steps | teacher | runs | class accuracy | FD ratio (mean ± spread) | reference | precision | "
+             "recall | wall time (s) | generator updates |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    dash = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
     for r in rows:
         wall = "–" if r["wall_seconds"] is None else f"{'~' if r['wall_approx'] else ''}{r['wall_seconds']:.0f}"
         lines.append(f"| {r['method']} | {r['steps']} | {r['teacher']} | {r['runs']} | {r['accuracy']:.3f} | "
-                     f"{r['fd_ratio']:.3g} ± {r['fd_ratio_spread']:.2g} | {wall} | {r['generator_updates']:.0f} |")
+                     f"{r['fd_ratio']:.3g} ± {r['fd_ratio_spread']:.2g} | [{refs.index(r['reference']) + 1}] | "
+                     f"{dash(r['precision'])} | {dash(r['recall'])} | {wall} | {r['generator_updates']:.0f} |")
     lines += ["", "Spread: std over runs when a row pools several runs, else the std over evaluation seeds. "
               "~: wall time estimated from file times (metrics.json has no train_seconds).", ""]
     out.mkdir(parents=True, exist_ok=True)
@@ -449,6 +480,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("reports/benchmark"), help="report folder")
     p.add_argument("--methods-table", action="store_true", help="build the methods x steps table from each run's "
                    "metrics.json instead of benchmarking")
+    p.add_argument("--rebase", action="store_true", help="with --methods-table: divide runs evaluated against the "
+                   "fixed CFG-2 teacher by the teacher at its best (its cached grid) instead")
     p.add_argument("--samples", type=int, default=2000, help="images per seed for accuracy and FD-digits")
     p.add_argument("--seeds", type=parse_ints, default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--teacher-steps", type=parse_ints, default=[1, 2, 4, 8, 50],
@@ -470,7 +503,7 @@ def main(argv=None) -> int:
 
     matplotlib.use("Agg")
     if args.methods_table:
-        md = methods_table(args.models, args.out)
+        md = methods_table(args.models, args.out, args.rebase)
         print(f"wrote {md} and {md.with_name('methods.json')}")
         return 0
     import torch

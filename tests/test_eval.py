@@ -447,3 +447,38 @@ def test_methods_table_from_run_metrics(tmp_path, capsys):
     assert "unreadable metrics.json" in skipped[str(runs / "broken")]
     assert f"same metrics.json as {runs / 'a'}" in skipped[str(runs / "a_copy")]
     assert str(tmp_path / "tab" / "methods.md") in out
+
+
+def test_methods_table_rebases_old_runs_on_the_teacher_at_its_best(tmp_path, capsys):
+    """--rebase divides a run scored against the fixed CFG-2 teacher by the teacher's best FD-digits from its
+    cached grid at the run's own protocol; a teacher without a cached grid is skipped with the command to make one,
+    and a run that already names its reference keeps its ratio."""
+    from fewstep.digits import DIGITS_TEACHER
+    from fewstep.digits.teacher_grid import teacher_best
+
+    bench = load_script("benchmark")
+    best = teacher_best(DIGITS_TEACHER, 2000, compute=False)["best"]
+
+    def run(name, fd, teacher="", **extra):
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        m = {"student": {"accuracy": 0.9, "fd_digits": fd, "fd_digits_std": 0.5, "steps": 1, "num_samples": 2000,
+                         "seeds": [0, 1, 2]},
+             "teacher": {"fd_digits": 89.0}, "fd_ratio_to_teacher": fd / 89.0, "updates": {"student": 10}, **extra}
+        (d / "metrics.json").write_text(json.dumps(m))
+        (d / "config.json").write_text(json.dumps({"method_name": name, "model": {"teacher": teacher}}))
+        return str(d)
+
+    folders = [run("old", 30.0), run("new", 20.0, reference="the teacher at its best: X", fd_ratio_to_teacher=1.7),
+               run("mine", 30.0, teacher=str(tmp_path / "no_such_teacher"))]
+    assert bench.main(["--methods-table", "--rebase", *folders, "--out", str(tmp_path / "tab")]) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "tab" / "methods.json").read_text())["rows"]}
+    assert rows["old"]["fd_ratio"] == pytest.approx(30.0 / best["fd_digits"])
+    assert rows["old"]["fd_ratio_spread"] == pytest.approx(0.5 / best["fd_digits"])
+    assert rows["old"]["reference"].startswith("the teacher at its best: ")
+    assert rows["new"]["fd_ratio"] == 1.7 and rows["new"]["reference"] == "the teacher at its best: X"
+    assert "mine" not in rows and "python benchmarks/teacher_grid.py" in capsys.readouterr().err
+    # without --rebase the old run keeps its CFG-2 ratio, labelled as such
+    assert bench.main(["--methods-table", folders[0], "--out", str(tmp_path / "tab2")]) == 0
+    row = json.loads((tmp_path / "tab2" / "methods.json").read_text())["rows"][0]
+    assert row["fd_ratio"] == pytest.approx(30.0 / 89.0) and "CFG 2" in row["reference"]

@@ -221,7 +221,7 @@ def test_the_one_thread_accelerate_launch_passes_by_default_is_not_taken_as_aske
 
 
 def test_teacher_script_regenerates_the_whole_committed_folder(tmp_path):
-    """train/teacher.py writes every file of fewstep/assets/digits_teacher/ (bar the cached figures); the folder
+    """train/teacher.py writes every file of fewstep/assets/digits_teacher/ (bar the cached figures: reference_metrics.json, teacher_grid.json); the folder
     loads with plain diffusers. Two optimizer steps: the layout is what is checked, not the weights."""
     from diffusers import DiffusionPipeline
 
@@ -232,7 +232,8 @@ def test_teacher_script_regenerates_the_whole_committed_folder(tmp_path):
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()  # noqa: E731
-                             and p.name != "reference_metrics.json" and "__pycache__" not in p.parts)
+                             and p.name not in ("reference_metrics.json", "teacher_grid.json")
+                             and "__pycache__" not in p.parts)
     assert files(out) == files(DIGITS_TEACHER)
     strip = lambda d: {k: v for k, v in json.loads((d / "model_index.json").read_text()).items()  # noqa: E731
                        if k != "_diffusers_version"}
@@ -247,7 +248,7 @@ def test_teacher_reference_is_recomputed_when_the_weights_change(tiny_teacher_di
     from safetensors.torch import load_file, save_file
 
     from fewstep.run.folders import save_pipeline_dir
-    from fewstep.run.report import teacher_reference
+    from fewstep.run.report import fixed_teacher_reference as teacher_reference
 
     teacher = tmp_path / "teacher"
     save_pipeline_dir(FewStepClassPipeline(unet=UNet2DModel.from_pretrained(tiny_teacher_dir / "unet"),

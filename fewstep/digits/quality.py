@@ -154,10 +154,28 @@ def copy_threshold(train_images: torch.Tensor | None = None) -> float:
     return best
 
 
-def _nn_summary(dist: torch.Tensor, threshold: float) -> dict:
-    d = dist.numpy()
+def nearest_train_summary(images: torch.Tensor, train_images: torch.Tensor | None = None,
+                          threshold: float | None = None) -> dict:
+    """Median and 5th percentile of `nearest_train_distance(images)` and `fraction_close`, the fraction of images
+    closer than `threshold` (default `copy_threshold(train_images)`) to a training image: what `memorisation`
+    compares, and what is cached for a teacher so its samples need not be drawn again."""
+    train = train_images if train_images is not None else load_digits(metrics.IMAGE_SIZE)[0]
+    threshold = float(threshold) if threshold is not None else copy_threshold(train)
+    d = nearest_train_distance(images, train).numpy()
     return {"median": float(np.median(d)), "p5": float(np.percentile(d, 5)),
-            "fraction_close": float((d < threshold).mean()), "num_samples": len(d)}
+            "fraction_close": float((d < threshold).mean()), "num_samples": len(d), "threshold": threshold}
+
+
+def compare_memorisation(student: dict, teacher: dict) -> dict:
+    """The rule of `memorisation` applied to two `nearest_train_summary` results (same threshold, equal N)."""
+    if abs(student["threshold"] - teacher["threshold"]) > 1e-9:
+        raise ValueError(f"thresholds differ: student {student['threshold']}, teacher {teacher['threshold']}")
+    ratio = student["median"] / teacher["median"] if teacher["median"] > 0 else math.inf
+    copies = (student["fraction_close"] > teacher["fraction_close"] + COPY_FRACTION_MARGIN
+              or ratio < COPY_MEDIAN_RATIO)
+    return {"student": student, "teacher": teacher, "threshold": student["threshold"], "median_ratio": float(ratio),
+            "copies": bool(copies), "rule": f"fraction_close(student) > fraction_close(teacher) + "
+                                            f"{COPY_FRACTION_MARGIN} or median ratio < {COPY_MEDIAN_RATIO}"}
 
 
 def memorisation(student_images: torch.Tensor, teacher_images: torch.Tensor,
@@ -179,14 +197,8 @@ def memorisation(student_images: torch.Tensor, teacher_images: torch.Tensor,
     """
     train = train_images if train_images is not None else load_digits(metrics.IMAGE_SIZE)[0]
     threshold = float(threshold) if threshold is not None else copy_threshold(train)
-    student = _nn_summary(nearest_train_distance(student_images, train), threshold)
-    teacher = _nn_summary(nearest_train_distance(teacher_images, train), threshold)
-    ratio = student["median"] / teacher["median"] if teacher["median"] > 0 else math.inf
-    copies = (student["fraction_close"] > teacher["fraction_close"] + COPY_FRACTION_MARGIN
-              or ratio < COPY_MEDIAN_RATIO)
-    return {"student": student, "teacher": teacher, "threshold": threshold, "median_ratio": float(ratio),
-            "copies": bool(copies), "rule": f"fraction_close(student) > fraction_close(teacher) + "
-                                            f"{COPY_FRACTION_MARGIN} or median ratio < {COPY_MEDIAN_RATIO}"}
+    return compare_memorisation(nearest_train_summary(student_images, train, threshold),
+                                nearest_train_summary(teacher_images, train, threshold))
 
 
 # ---------------------------------------------------------------------------------------------------------- report

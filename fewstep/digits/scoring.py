@@ -54,25 +54,47 @@ def generate(pipe, n: int, seed: int, steps: int | None = None, guidance_scale: 
     return torch.cat(out), labels
 
 
-def score(pipe, n: int = 2000, seeds=(0, 1, 2), steps: int | None = None, guidance_scale: float = 1.0) -> dict:
-    """Class accuracy and FD-digits, mean and standard deviation over ``seeds``."""
+def score(pipe, n: int = 2000, seeds=(0, 1, 2), steps: int | None = None, guidance_scale: float = 1.0,
+          quality: bool = False) -> dict:
+    """Class accuracy and FD-digits, mean and standard deviation over ``seeds``.
+
+    ``quality``: also `quality.quality_report`'s measures that see diversity, each the mean (and ``_std``) over the
+    seeds: FD-digits and accuracy in the second feature net (``_net2``), precision and recall (k = 3) in both nets,
+    per-class FD (net 1); and ``nearest_train``, the first seed's distances to the nearest training digit
+    (`quality.nearest_train_summary`), which `quality.compare_memorisation` compares with the teacher's.
+    """
     net = metrics.load_digits_net()
     ref = metrics.real_stats(net)
-    accs, fds = [], []
+    net2 = metrics.load_digits_net2() if quality else None
+    accs, fds, reports, first = [], [], [], None
     for s in seeds:
         x, y = generate(pipe, n, s, steps, guidance_scale)
+        first = x if first is None else first
+        if quality:
+            from fewstep.digits import quality as Q
+
+            reports.append(Q.quality_report(x, y, net_1=net, net_2=net2))
         accs.append(metrics.class_accuracy(x, y, net))
         fds.append(metrics.fd_digits(x, net, reference=ref))
-    return {"accuracy": float(np.mean(accs)), "accuracy_std": float(np.std(accs)),
-            "fd_digits": float(np.mean(fds)), "fd_digits_std": float(np.std(fds)), "fd_digits_per_seed": fds,
-            "num_samples": n, "seeds": list(seeds)}
+    out = {"accuracy": float(np.mean(accs)), "accuracy_std": float(np.std(accs)),
+           "fd_digits": float(np.mean(fds)), "fd_digits_std": float(np.std(fds)), "fd_digits_per_seed": fds,
+           "num_samples": n, "seeds": list(seeds)}
+    if quality:
+        for key in ("accuracy_net2", "fd_digits_net2", "precision", "recall", "precision_net2", "recall_net2"):
+            vals = [r[key] for r in reports]
+            out[key], out[f"{key}_std"] = float(np.mean(vals)), float(np.std(vals))
+        out["per_class_fd"] = {c: float(np.mean([r["per_class_fd"][c] for r in reports]))
+                               for c in reports[0]["per_class_fd"]}
+        out["nearest_train"] = Q.nearest_train_summary(first)
+        out["k"] = reports[0]["k"]
+    return out
 
 
 def throughput(pipe, steps: int | None = None, guidance_scale: float = 1.0, batch: int = 100,
                repeats: int = 3) -> dict:
     """Images per second at ``batch`` images per call, after one warm-up call; median and spread."""
     labels = (torch.arange(batch) % 10).tolist()
-    run = lambda: pipe(labels, num_inference_steps=steps, guidance_scale=guidance_scale,  # noqa: E731
+    run = lambda: pipe(labels, num_inference_steps=steps, guidance_scale=guidance_scale,
                        generator=torch.Generator().manual_seed(0), output_type="pt")
     run()
     times = []
@@ -161,7 +183,7 @@ def trained_steps(path) -> int | None:
 
 def latency(pipe, steps: int | None = None, guidance_scale: float = 1.0, repeats: int = 10) -> dict:
     """Seconds per image at batch size 1: median (and spread) of ``repeats`` calls after one warm-up call."""
-    run = lambda i: pipe([i % 10], num_inference_steps=steps, guidance_scale=guidance_scale,  # noqa: E731
+    run = lambda i: pipe([i % 10], num_inference_steps=steps, guidance_scale=guidance_scale,
                          generator=torch.Generator().manual_seed(i), output_type="pt")
     run(0)
     times = []

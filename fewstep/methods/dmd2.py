@@ -19,8 +19,9 @@ ratio (5 for ImageNet/SDXL, 10 for SD1.5); ``t_min``/``t_max`` = the DM-loss tim
 (``gen_cls_loss_weight`` / ``guidance_cls_loss_weight``). ``gan_features = "teacher"`` puts the head on the
 frozen teacher's tapped features instead of the critic's (FastGen's discriminator): the GAN path sends no
 gradient into the critic, the critic turn's two discriminator passes run forward-only and stop at the tapped
-block, and the student turn reads the features off the teacher pass it makes anyway (its conditional half). DMD's regression loss is not offered: it needs
-teacher samples paired with their noise, which no fewstep data source provides.
+block, and the student turn reads the features off the teacher pass it makes anyway (its conditional half).
+DMD's regression loss is not offered here: it needs teacher samples paired with their noise, which the method
+`kd` caches (fewstep.methods.kd) and no data source of DMD2 provides.
 """
 from __future__ import annotations
 

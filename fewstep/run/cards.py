@@ -118,3 +118,34 @@ pipe = {pipe_cls}.from_pretrained("{out}"{trust})
 result = pipe("{example}", {_call_args(cfg, teacher)}){output}
 ```
 {lora}"""
+
+
+EVALUATION_HEADING = "\n## Evaluation on digits"
+
+
+def evaluation_section(m: dict) -> str:
+    """The model card's evaluation section from a digits ``metrics.json``: the student beside the teacher at its
+    best setting (the reference every ratio divides by), and the fixed CFG-2 setting labelled as such."""
+    s, t, c = m["student"], m["teacher"], m["teacher_cfg2"]
+    def row(name: str, r: dict) -> str:
+        nan = float("nan")
+        return (f"| {name} | {r['fd_digits']:.2f} | {r.get('fd_digits_net2', nan):.2f} | {r['accuracy']:.3f} | "
+                f"{r.get('precision', nan):.3f} | {r.get('recall', nan):.3f} | {r['nfe']} |")
+
+    mem = m["memorisation"]
+    return f"""{EVALUATION_HEADING} ({s['num_samples']} samples x {len(s['seeds'])} seeds)
+
+Reference: {m['reference']}.
+
+| model | FD-digits | FD-digits (net 2) | accuracy | precision | recall | NFE |
+|---|---|---|---|---|---|---|
+{row("student", s)}
+{row(f"teacher at its best ({t['setting']})", t)}
+{row(f"teacher at {c['setting']}", c)}
+
+- FD ratio to the teacher at its best: {m['fd_ratio_to_teacher']:.2f} (net 2: {m['fd_ratio_to_teacher_net2']:.2f});
+  recall ratio {m['recall_ratio_to_teacher']:.2f}. Against the fixed CFG-2 setting: {m['fd_ratio_to_teacher_cfg2']:.2f}.
+- Memorisation: median distance to the nearest training digit {mem['student']['median']:.3f} (teacher
+  {mem['teacher']['median']:.3f}); flagged as copying: {mem['copies']}.
+- FD-digits is a Frechet distance in the bundled digits nets' feature space, not FID.
+"""

@@ -6,15 +6,19 @@ import sys
 import time
 from pathlib import Path
 
+from fewstep.digits import quality as Q
 from fewstep.digits import scoring as digits_eval
 from fewstep.digits import t2i as D
+from fewstep.digits import teacher_grid
+from fewstep.run import cards
 from fewstep.run.build import teacher_path
 from fewstep.run.config import RunConfig
 
 
-def teacher_reference(teacher_dir: Path, n: int, seeds=(0, 1, 2)) -> dict:
-    """The teacher's own figures (50 DDIM steps, its CFG; and 1 step), cached beside the teacher per sample count
-    and keyed by the teacher's weights (``weights_digest``): new weights are scored anew."""
+def fixed_teacher_reference(teacher_dir: Path, n: int, seeds=(0, 1, 2)) -> dict:
+    """The teacher at one fixed setting, 50 DDIM steps at CFG 2 (and 1 step), cached beside the teacher per sample
+    count and keyed by the teacher's weights (``weights_digest``): new weights are scored anew. Not its best
+    setting (`teacher_grid.teacher_best` is): reports label ratios to it as "CFG 2"."""
     cache = teacher_dir / "reference_metrics.json"     # {"<num_samples>": figures}, one entry per sample count
     table = json.loads(cache.read_text()) if cache.is_file() else {}
     ref, digest = table.get(str(n)), digits_eval.weights_digest(teacher_dir)
@@ -44,23 +48,45 @@ def write_metrics(cfg: RunConfig, result: dict) -> dict:
     t0 = time.perf_counter()
     student = digits_eval.load_pipeline(out)
     teacher_dir = teacher_path(cfg.model.teacher)
-    ref = teacher_reference(teacher_dir, cfg.train.eval_samples)
-    print(f"scoring {cfg.train.eval_samples} student samples x 3 seeds ...", file=sys.stderr)
-    s = digits_eval.score(student, cfg.train.eval_samples)
-    print("measuring the speed-up over the teacher (interleaved) ...", file=sys.stderr)
-    speed = digits_eval.speedup(student, digits_eval.load_pipeline(teacher_dir), teacher_steps=50, guidance_scale=2.0)
+    n, seeds = cfg.train.eval_samples, (0, 1, 2)
+    grid = teacher_grid.teacher_best(teacher_dir, n)
+    best, fixed = grid["best"], fixed_teacher_reference(teacher_dir, n, seeds)
+    print(f"scoring {n} student samples x 3 seeds ...", file=sys.stderr)
+    s = digits_eval.score(student, n, seeds, quality=True)
+    print(f"measuring the speed-up over the teacher at its best ({teacher_grid.label(best)}; interleaved) ...",
+          file=sys.stderr)
+    teacher = digits_eval.load_pipeline(teacher_dir)
+    teacher_grid.with_sampler(teacher, best["sampler"], dict(teacher.scheduler.config))
+    speed = digits_eval.speedup(student, teacher, teacher_steps=best["steps"], guidance_scale=best["guidance_scale"])
     K = len(cfg.model.student_timesteps)
-    m = {"student": {**s, "images_per_s": speed["student_images_per_s"], "steps": K, "nfe": K},
-         "teacher": {**ref, "images_per_s": speed["teacher_images_per_s"], "nfe": 100},
-         "fd_ratio_to_teacher": s["fd_digits"] / ref["fd_digits"],
-         "fd_ratio_to_teacher_one_step": s["fd_digits"] / ref["one_step_fd_digits"],
+    teacher_nfe = best["steps"] * (1 if best["guidance_scale"] == 1.0 else 2)
+    m = {"reference": f"the teacher at its best: {teacher_grid.label(best)} ({grid['protocol']})",
+         "student": {**s, "images_per_s": speed["student_images_per_s"], "steps": K, "nfe": K},
+         "teacher": {**best, "setting": teacher_grid.label(best), "images_per_s": speed["teacher_images_per_s"],
+                     "nfe": teacher_nfe, "weights_sha256": grid["weights_sha256"]},
+         "fd_ratio_to_teacher": s["fd_digits"] / best["fd_digits"],
+         "fd_ratio_to_teacher_net2": s["fd_digits_net2"] / best["fd_digits_net2"],
+         "recall_ratio_to_teacher": s["recall"] / best["recall"] if best["recall"] > 0 else None,
+         "memorisation": Q.compare_memorisation(s["nearest_train"], best["nearest_train"]),
+         "teacher_cfg2": {**fixed, "setting": "DDIM, 50 steps, CFG 2 (a fixed setting, not the teacher's best)",
+                          "nfe": 100},
+         "fd_ratio_to_teacher_cfg2": s["fd_digits"] / fixed["fd_digits"],
+         "fd_ratio_to_teacher_one_step": s["fd_digits"] / fixed["one_step_fd_digits"],
          "speedup_images_per_s": speed["speedup"], "speed": speed,
          "updates": result["updates"], "steps": result["step"], "train_seconds": result.get("train_seconds"),
          "eval_seconds": time.perf_counter() - t0,
-         "note": "FD-digits is a Frechet distance in the bundled digits net's feature space, not FID."}
+         "note": "FD-digits is a Frechet distance in the bundled digits net's feature space, not FID; _net2 figures "
+                 "are the same in the second, independently trained digits net. Ratios below 1 beat the teacher."}
     (out / "metrics.json").write_text(json.dumps(m, indent=2))
-    print(json.dumps({k: m[k] for k in ("fd_ratio_to_teacher", "fd_ratio_to_teacher_one_step", "speedup_images_per_s")}
-                     | {"student_accuracy": s["accuracy"], "student_fd_digits": s["fd_digits"]}, indent=2))
+    card = out / "README.md"
+    if card.is_file():      # replaces the section of an earlier evaluation of this folder
+        text = card.read_text().split(cards.EVALUATION_HEADING)[0].rstrip("\n")
+        card.write_text(text + "\n" + cards.evaluation_section(m))
+    print(json.dumps({k: m[k] for k in ("reference", "fd_ratio_to_teacher", "fd_ratio_to_teacher_net2",
+                                        "recall_ratio_to_teacher", "fd_ratio_to_teacher_cfg2",
+                                        "speedup_images_per_s")}
+                     | {"student_accuracy": s["accuracy"], "student_fd_digits": s["fd_digits"],
+                        "memorises": m["memorisation"]["copies"]}, indent=2))
     return m
 
 
