@@ -379,7 +379,8 @@ def run_facts(run: Path, m: dict, cfg: dict, rebase: bool = False) -> dict:
     teacher at its best instead (the student's figures are the run's own)."""
     st, updates = m["student"], m.get("updates", {})
     ref_fd, reference = m["teacher"]["fd_digits"], m.get("reference", FIXED_REFERENCE)
-    if rebase and "reference" not in m:
+    rebased = rebase and "reference" not in m
+    if rebased:
         ref_fd, reference = best_reference(cfg, st)
     wall = m.get("train_seconds", m.get("wall_seconds"))
     approx = wall is None and (run / "unet").is_dir()
@@ -390,7 +391,7 @@ def run_facts(run: Path, m: dict, cfg: dict, rebase: bool = False) -> dict:
     if (cfg.get("method") or {}).get("segment_schedule"):     # segmented consistency (Hyper-SD TSCD)
         method += " (TSCD)"
     return {"run": str(run), "method": method, "steps": st.get("steps"), "teacher": teacher_of(cfg),
-            "accuracy": st["accuracy"], "fd_ratio": st["fd_digits"] / ref_fd if rebase else m["fd_ratio_to_teacher"],
+            "accuracy": st["accuracy"], "fd_ratio": st["fd_digits"] / ref_fd if rebased else m["fd_ratio_to_teacher"],
             "fd_ratio_seed_std": st.get("fd_digits_std", 0.0) / ref_fd, "reference": reference,
             "precision": st.get("precision"), "recall": st.get("recall"),
             "wall_seconds": wall, "wall_approx": approx, "generator_updates": gen, "updates": updates}

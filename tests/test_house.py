@@ -65,7 +65,7 @@ def test_dry_run_of_a_real_model_preset_loads_nothing(tmp_path):
 
 # ------------------------------------------------------------------------------------------ validation
 BAD = [  # (script, arguments, what the one line must say)
-    ("dmd2", ["--model.gan_head", "false"], "method.gan_weight_student 0.01 needs a discriminator head"),
+    ("dmd2", ["--model.gan_head", "false"], "method.gan_weight_student 0.03 needs a discriminator head"),
     ("dmd2", ["--method.student_every", "0"], "method.student_every 0 must be at least 1"),
     ("dmd2", ["--method.guidance_scale", "nan"], "method.guidance_scale nan is not a finite number"),
     ("dmd2", ["--method.guidance_scale", "inf"], "method.guidance_scale inf is not a finite number"),

@@ -127,10 +127,12 @@ def evaluation_section(m: dict) -> str:
     """The model card's evaluation section from a digits ``metrics.json``: the student beside the teacher at its
     best setting (the reference every ratio divides by), and the fixed CFG-2 setting labelled as such."""
     s, t, c = m["student"], m["teacher"], m["teacher_cfg2"]
+    def num(r: dict, key: str, digits: int) -> str:
+        return f"{r[key]:.{digits}f}" if r.get(key) is not None else "–"   # the fixed-setting row has FD only
+
     def row(name: str, r: dict) -> str:
-        nan = float("nan")
-        return (f"| {name} | {r['fd_digits']:.2f} | {r.get('fd_digits_net2', nan):.2f} | {r['accuracy']:.3f} | "
-                f"{r.get('precision', nan):.3f} | {r.get('recall', nan):.3f} | {r['nfe']} |")
+        return (f"| {name} | {num(r, 'fd_digits', 2)} | {num(r, 'fd_digits_net2', 2)} | {num(r, 'accuracy', 3)} | "
+                f"{num(r, 'precision', 3)} | {num(r, 'recall', 3)} | {r['nfe']} |")
 
     mem = m["memorisation"]
     return f"""{EVALUATION_HEADING} ({s['num_samples']} samples x {len(s['seeds'])} seeds)
