@@ -12,11 +12,10 @@ import copy
 import math
 
 import diffusers
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from test_meanflow import SmoothFlowNet
+from tiny_models import assert_class_export_equals_sampler, captioned_images
 
 from fewstep.core.adapter import adapter_for
 from fewstep.core.conditioning import Cond
@@ -212,25 +211,13 @@ def test_the_entry_point_trains_and_exports(tiny_teacher_dir, tmp_path):
     cli.main("scm", argv=["--preset", "digits_scm_2step", "--model.teacher", str(tiny_teacher_dir),
                           "--train.output_dir", str(out), "--train.evaluate", "false", "--data.batch_size", "2",
                           "--train.max_steps", "2", "--train.sample_every", "2"])
-    pipe = diffusers.DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
-    pipe.set_progress_bar_config(disable=True)
-    img = pipe([1, 2], generator=torch.Generator().manual_seed(3), output_type="pt").images
-    g = torch.Generator().manual_seed(3)
-    x = FewStepGenerator.from_pretrained(out).sample(torch.randn((2, 1, 8, 8), generator=g),
-                                                     Cond(labels=torch.tensor([1, 2])), g)
-    torch.testing.assert_close(img, ((x.clamp(-1, 1) + 1) / 2).float(), atol=1e-5, rtol=0)
+    assert_class_export_equals_sampler(out)
 
 
 # ------------------------------------------------------------------------------------------ tiny text-to-image
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    d = tmp_path_factory.mktemp("scm_t2i")
-    (d / "images").mkdir()
-    g = np.random.default_rng(0)
-    for i, caption in enumerate(PROMPTS[:3]):
-        Image.fromarray(g.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(d / "images" / f"img{i}.png")
-        (d / "images" / f"img{i}.txt").write_text(caption)
-    return d
+    return captioned_images(tmp_path_factory.mktemp("scm_t2i"), PROMPTS[:3])
 
 
 @pytest.mark.parametrize("method", ["scm", "rcm"])

@@ -245,3 +245,33 @@ FAMILIES = {"sd15": sd15, "sdxl": sdxl, "sd3": sd3, "flux": flux, "pixart": pixa
 
 def n_params(module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def captioned_images(folder, captions, size=(40, 48)):
+    """Random RGB images with one caption file each under ``folder/images`` (an image-text data source)."""
+    import numpy as np
+    from PIL import Image
+
+    (folder / "images").mkdir()
+    g = np.random.default_rng(0)
+    for i, caption in enumerate(captions):
+        Image.fromarray(g.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / "images" / f"img{i}.png")
+        (folder / "images" / f"img{i}.txt").write_text(caption)
+    return folder
+
+
+def assert_class_export_equals_sampler(out, labels=(1, 2), shape=(1, 8, 8), seed=3):
+    """The class-conditional run folder ``out``, reloaded with plain diffusers, samples what fewstep's own
+    student sampler does from the same noise (1e-5)."""
+    import diffusers
+
+    from fewstep.core.conditioning import Cond
+    from fewstep.core.generator import FewStepGenerator
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe(list(labels), generator=torch.Generator().manual_seed(seed), output_type="pt").images
+    g = torch.Generator().manual_seed(seed)
+    x = FewStepGenerator.from_pretrained(out).sample(torch.randn((len(labels), *shape), generator=g),
+                                                     Cond(labels=torch.tensor(list(labels))), g)
+    torch.testing.assert_close(img, ((x.clamp(-1, 1) + 1) / 2).float(), atol=1e-5, rtol=0)
