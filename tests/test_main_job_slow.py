@@ -1,4 +1,4 @@
-"""The main job's quality targets (slow: about 10 minutes on one CPU core; run with `pytest -m slow`)."""
+"""The main job's quality targets (slow: about 20 minutes on one CPU core; run with `pytest -m slow`)."""
 import json
 import os
 import subprocess
@@ -18,10 +18,10 @@ def test_default_dmd2_job_meets_its_targets(tmp_path):
                        capture_output=True, text=True, timeout=3600)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
-    # against the teacher at its best (measured 1.89, recall ratio 0.96, accuracy 0.956); the issue's target of
-    # 1.5 with accuracy 0.97 is not met yet, so the bounds guard what the recipe reaches (the old w = 1.25 gave 3.26)
+    # against the teacher at its best (measured 1.36 / net 2 1.29, recall ratio 1.00, accuracy 0.961): the FD and
+    # recall targets of a teacher used well hold; its accuracy target (0.97) does not yet, so 0.95 guards the recipe
     assert "teacher at its best" in m["reference"]
     assert m["student"]["accuracy"] >= 0.95
-    assert m["fd_ratio_to_teacher"] <= 2.0 and m["fd_ratio_to_teacher_net2"] <= 2.0
+    assert m["fd_ratio_to_teacher"] <= 1.5 and m["fd_ratio_to_teacher_net2"] <= 1.5
     assert m["recall_ratio_to_teacher"] >= 0.9 and not m["memorisation"]["copies"]
     assert m["speedup_images_per_s"] >= 50
