@@ -274,7 +274,9 @@ def write_report(report: dict, out: Path) -> Path:
         f"Teacher: `{s['teacher']}` (CFG {s['teacher_guidance']:g}); {s['samples']} samples per seed, seeds "
         f"{s['seeds']}; throughput at batch {s['batch']} ({s['repeats']} repeats after a warm-up), latency at "
         f"batch 1 ({s['latency_repeats']} repeats after a warm-up); {s['device']}, {s['threads']} torch thread(s).",
-        "", f"**{NOTE}** Ratios divide by the teacher's 50-step FD-digits ({report['teacher_fd_digits']:.4g}).",
+        "", f"**{NOTE}** Ratios divide by the teacher's 50-step FD-digits at CFG {s['teacher_guidance']:g} "
+        f"({report['teacher_fd_digits']:.4g}): one fixed setting, not necessarily the teacher's best. Training runs' "
+        "metrics.json and `--methods-table` divide by the teacher at its best (fewstep.digits.teacher_grid).",
         "",
         "| model | steps / NFE | class accuracy | FD-digits (mean ± std) | FD ratio to teacher-50 | images/s "
         "median [min–max] | latency/image at batch 1 (ms) | peak memory MB (+model) |",
