@@ -24,11 +24,12 @@ from fewstep.backbones.base import DiffusersAdapter
 from fewstep.core.adapter import adapter_for
 from fewstep.core.conditioning import Cond
 from fewstep.core.denoiser import Denoiser
+from fewstep.core.flow_time import FlowTime
 from fewstep.core.generator import FewStepGenerator
 from fewstep.core.schedules import RectifiedFlow, VPDiscrete
 from fewstep.core.two_time import PREFIX, embedding_of, offset
 from fewstep.errors import ConfigError
-from fewstep.methods.meanflow import FlowTime, MeanFlow, MeanFlowConfig, draw_times
+from fewstep.methods.meanflow import MeanFlow, MeanFlowConfig, draw_times
 from fewstep.run import build, cli, export
 from fewstep.run import config as C
 from fewstep.run.presets import PRESETS

@@ -45,3 +45,11 @@ def from_timesteps(timesteps, schedule: NoiseSchedule) -> Tensor:
     if len(ts) > 1 and not (ts[1:] < ts[:-1]).all():
         raise ValueError(f"timesteps {list(timesteps)} must be strictly descending (noise first)")
     return ts / n
+
+
+def ddim_grid(schedule: NoiseSchedule, S: int) -> Tensor:
+    """The S + 1 times of the teacher's DDIM: timesteps ``tau_top - i N / S`` for i < S (diffusers' trailing
+    spacing), then t = 0."""
+    top = float(schedule.timestep(torch.tensor(1.0)))
+    t = schedule.quantize(torch.tensor([top - i * schedule.N / S for i in range(S)]) / top)
+    return torch.cat([t.float(), torch.zeros(1)])

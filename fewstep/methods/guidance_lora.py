@@ -54,7 +54,6 @@ from fewstep.core.denoiser import Denoiser
 from fewstep.core.generator import FewStepGenerator, ddim_step
 from fewstep.core.guidance import cfg as guided
 from fewstep.methods.base import Method, Parts, Turn, has_real_images, require
-from fewstep.methods.kd import teacher_grid
 
 X0_SOURCES = ("real", "teacher")
 
@@ -81,7 +80,7 @@ def ddim_sample(predict, schedule, noise: Tensor, steps: int) -> Tensor:
     """DDIM (eta 0) from ``noise`` at t = 1 over the teacher's trailing ``steps``-step grid down to t = 0, with
     ``predict(x_t, t) -> x0`` (float64): for a VP teacher step for step the stock ``DDIMScheduler`` (trailing, no
     ``set_alpha_to_one``), for a flow teacher Euler on the grid's times."""
-    grid, x = teacher_grid(schedule, steps).to(noise.device), noise.double()
+    grid, x = timesteps.ddim_grid(schedule, steps).to(noise.device), noise.double()
     for i in range(steps):
         t, s = grid[i].expand(len(x)), grid[i + 1].expand(len(x))
         x = ddim_step(schedule, x, t, s, predict(x, t))
@@ -95,7 +94,7 @@ class GuidedSampler(FewStepGenerator):
     samples_as_teacher = True
 
     def __init__(self, denoiser: Denoiser, steps: int):
-        super().__init__(denoiser, teacher_grid(denoiser.schedule, steps)[:-1], renoise="ddim")
+        super().__init__(denoiser, timesteps.ddim_grid(denoiser.schedule, steps)[:-1], renoise="ddim")
 
     @torch.no_grad()
     def sample(self, noise: Tensor, cond: Cond, generator: torch.Generator | None = None,

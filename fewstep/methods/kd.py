@@ -59,6 +59,7 @@ from fewstep.core.denoiser import Denoiser
 from fewstep.core.generator import FewStepGenerator, ddim_step
 from fewstep.core.guidance import cfg as guided
 from fewstep.core.schedules import NoiseSchedule
+from fewstep.core.timesteps import ddim_grid
 from fewstep.errors import CheckpointError, ConfigError
 from fewstep.methods.base import Method, Parts, Turn, require
 
@@ -83,17 +84,9 @@ def kd_loss(x0: Tensor, x0_teacher: Tensor, kind: str = "l2", c: float = 1e-3) -
     return losses.pseudo_huber(x0, x0_teacher, c if kind == "pseudo_huber" else 0.0)
 
 
-def teacher_grid(schedule: NoiseSchedule, S: int) -> Tensor:
-    """The S + 1 times of the teacher's DDIM: timesteps ``tau_top - i N / S`` for i < S (diffusers' trailing
-    spacing), then t = 0."""
-    top = float(schedule.timestep(torch.tensor(1.0)))
-    t = schedule.quantize(torch.tensor([top - i * schedule.N / S for i in range(S)]) / top)
-    return torch.cat([t.float(), torch.zeros(1)])
-
-
 def grid_index(schedule: NoiseSchedule, S: int, t_list: Tensor) -> list[int] | None:
     """The grid index of each student time, or None when one of them is not a time of the S-step grid."""
-    grid = schedule.timestep(teacher_grid(schedule, S)[:-1])
+    grid = schedule.timestep(ddim_grid(schedule, S)[:-1])
     idx = []
     for tau in schedule.timestep(t_list).tolist():
         hit = ((grid - tau).abs() < 1e-3).nonzero()
@@ -172,7 +165,7 @@ class KD(Method):
         super().__init__()
         self.cfg, self.teacher, self.student = cfg, teacher.requires_grad_(False), student
         self.source, self.folder = source, Path(folder)     # the batch source the pairs' z and conditions come from
-        self.grid = teacher_grid(teacher.schedule, cfg.teacher_steps)
+        self.grid = ddim_grid(teacher.schedule, cfg.teacher_steps)
         self.keep = self._check_t_list(teacher.schedule)
         self.shards: list[tuple[Tensor, Tensor, Cond]] | None = None
 

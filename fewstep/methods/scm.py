@@ -15,7 +15,7 @@ A teacher on another process, exactly. With ``x_t = cos t x0 + sigma_d sin t eps
 i.e. ``t = arctan(sigma_s / alpha_s)`` at sigma_d = 1 (VP) and ``arctan(s / (1 - s))`` (rectified flow). From
 ``alpha^2 + sigma^2 = 1`` (VP) ``k = 1 / sqrt(cos^2 t + sigma_d^2 sin^2 t)``; from ``alpha + sigma = 1`` (flow)
 ``k = 1 / (cos t + sigma_d sin t)``. The flow time of MeanFlow's path, ``tau = sigma / (alpha + sigma)``, is
-``sigma_d sin t / (cos t + sigma_d sin t)``, so ``TrigTime`` goes through ``meanflow.FlowTime`` for the process time
+``sigma_d sin t / (cos t + sigma_d sin t)``, so ``TrigTime`` goes through ``fewstep.core.flow_time.FlowTime`` for the process time
 s (its inversion of a VP teacher's interpolated ``log alpha_bar``). The student is the teacher's backbone at
 ``(k x_t, s(t))``, its x0 estimate ``x0_theta``; the TrigFlow output is
 ``F = (cos t x_t - x0_theta) / (sigma_d sin t)``, hence ``f_theta = x0_theta``: the consistency function is the
@@ -60,13 +60,13 @@ from torch import Tensor, nn
 
 from fewstep.core.conditioning import Batch, Cond
 from fewstep.core.denoiser import Denoiser
+from fewstep.core.flow_time import FlowTime
 from fewstep.core.generator import FewStepGenerator
 from fewstep.core.guidance import cfg as guided
 from fewstep.core.jvp import continuous, jvp_attention
 from fewstep.core.schedules import NoiseSchedule, bcast
 from fewstep.errors import ConfigError
 from fewstep.methods.base import Method, Parts, Turn, has_real_images, require
-from fewstep.methods.meanflow import FlowTime
 
 T_MIN = 1e-3        # smallest angle trained: F divides by sin t
 SALT = 40           # the batch-seed salts of t and eps
