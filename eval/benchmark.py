@@ -1,16 +1,34 @@
-"""Benchmark few-step students against their teacher on the bundled digits (or any class-conditional teacher).
+"""Benchmark few-step students against their teacher at its best on the bundled digits (or any class-conditional
+teacher).
 
     python eval/benchmark.py runs/dmd2_digits runs/dmd2_digits_4step --out reports/digits
     python eval/benchmark.py runs/* --teacher path/to/teacher --samples 500 --seeds 0
+    python eval/benchmark.py runs/* --teacher tiny/ --grid-guidance 1,2 --grid-steps 2,4 --grid-screen-samples 50
     python eval/benchmark.py --methods-table runs/* --out reports/methods
 
 Writes ``report.md``, ``report.json`` and three plots (``quality_vs_nfe.png``, ``throughput.png``,
-``samples.png``) into ``--out``. Per model: steps and NFE (a teacher step with CFG costs 2 NFE), class
-accuracy, FD-digits mean and std over seeds and its ratio to the teacher's 50-step FD-digits, images/s
-(median [min-max] of repeats at batch ``--batch``, after a warm-up), latency per image at batch 1 (median
-of repeats after a warm-up) and peak memory. Speed and memory are measured for each model in a fresh
-process so that peaks belong to that model. FD-digits is a Frechet distance in the bundled digits net's
-feature space; it is NOT FID.
+``samples.png``) into ``--out``. Per model: steps and NFE (a teacher step with CFG costs 2 NFE, at CFG 1 one),
+class accuracy, FD-digits mean and std over seeds, images/s (median [min-max] of repeats at batch ``--batch``,
+after a warm-up), latency per image at batch 1 (median of repeats after a warm-up), peak memory, and two ratios:
+
+- **FD ratio to the teacher at its best** (the reference): FD-digits over the lowest FD-digits the teacher reaches
+  on a declared grid of sampler settings (`fewstep.digits.teacher_grid.teacher_best`). Default grid: guidance
+  {1, 1.25, 1.5, 2} x steps {25, 50, 100} x sampler {DDIM, the stochastic DDPM / ancestral sampler}, every
+  setting screened at 200 samples, seed 0, the best screened setting re-scored at ``--samples`` samples x
+  ``--grid-seeds`` (default seed 0). The report names the winning setting and the protocol, and the teacher at
+  its best is a row of the table (with its NFE) and a starred point with a dashed line on the quality-vs-NFE
+  plot. The grid is scored once per teacher and cached in ``teacher_grid.json`` beside it, keyed by the
+  teacher weights' hash, the grid and the protocol: a cache hit scores and loads nothing for it. The bundled
+  teacher's grid at 2000 samples, seed 0 ships in that cache, so ``python eval/benchmark.py runs/dmd2_digits``
+  reads it back. ``--grid-guidance``, ``--grid-steps``, ``--grid-samplers``, ``--grid-screen-samples`` and
+  ``--grid-seeds`` declare another grid or protocol (a small one benchmarks a tiny test teacher in seconds).
+- beside it, labelled as such, the **ratio to the teacher at 50 steps, CFG w (a fixed setting)**: FD-digits over
+  the teacher's 50-step DDIM FD-digits at ``--teacher-guidance`` w (default 2), the end of its quality-vs-NFE
+  curve at that guidance (``--teacher-steps``). One fixed setting, not the teacher's best.
+
+Speed and memory are measured for each model (the students, the teacher at 50 steps and at its best) in a fresh
+process so that peaks belong to that model. FD-digits is a Frechet distance in the bundled digits net's feature
+space; it is NOT FID.
 
 ``--methods-table`` instead reads each run's ``metrics.json`` and ``config.json`` and writes
 ``methods.md``/``methods.json``: one row per method x step count x teacher (runs that differ only in their
@@ -45,18 +63,45 @@ def status(message: str) -> None:
     print(f"[{time.perf_counter() - _START:5.0f} s] {message}", file=sys.stderr, flush=True)
 
 
-def pipeline(path) -> object:
-    """A FewStepClassPipeline per directory, loaded once per benchmark."""
+def pipeline(path, sampler: str | None = None) -> object:
+    """A FewStepClassPipeline per directory and sampler, loaded once per benchmark. `sampler` ("ddim", "ddpm")
+    swaps in that scheduler on the folder's own noise schedule (`teacher_grid.with_sampler`); None keeps its own."""
     from fewstep.digits import scoring as digits_eval
+    from fewstep.digits.teacher_grid import with_sampler
 
-    key = str(Path(path).resolve())
+    key = (str(Path(path).resolve()), sampler)
     if key not in _PIPES:
-        _PIPES[key] = digits_eval.load_pipeline(path)
+        pipe = digits_eval.load_pipeline(path)
+        _PIPES[key] = with_sampler(pipe, sampler, dict(pipe.scheduler.config)) if sampler else pipe
     return _PIPES[key]
 
 
 def parse_ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
+
+
+def parse_floats(text: str) -> list[float]:
+    return sorted({float(v) for v in text.split(",") if v.strip()})
+
+
+def parse_samplers(text: str) -> list[str]:
+    from fewstep.digits.teacher_grid import SAMPLERS
+
+    names = sorted({v.strip().lower() for v in text.split(",") if v.strip()})
+    unknown = [n for n in names if n not in SAMPLERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"samplers {unknown or text!r}: choose from {','.join(sorted(SAMPLERS))}")
+    return names
+
+
+def grid_request(args) -> dict:
+    """`teacher_grid.teacher_best`'s protocol arguments for this benchmark: the final stage at ``--samples`` x
+    ``--grid-seeds``, the declared grid and screen size. Values are sorted, so the cache key (and a cache hit) does
+    not depend on the order they were typed in; the defaults are the cached ones."""
+    grid = {"guidance_scale": tuple(args.grid_guidance), "steps": tuple(sorted(set(args.grid_steps))),
+            "sampler": tuple(args.grid_samplers)}
+    return {"n": args.samples, "seeds": tuple(args.grid_seeds), "grid": grid,
+            "screen_samples": args.grid_screen_samples}
 
 
 def nfe(steps: int, guidance_scale: float) -> int:
@@ -73,10 +118,11 @@ def model_name(path: Path) -> str:
 
 
 def measure_speed(path: Path, steps: int, guidance_scale: float, batch: int, repeats: int,
-                  latency_repeats: int) -> dict:
-    """Throughput, batch-1 latency and peak memory of one pipeline, measured in a fresh Python process."""
+                  latency_repeats: int, sampler: str | None = None) -> dict:
+    """Throughput, batch-1 latency and peak memory of one pipeline (with `sampler`'s scheduler, see `pipeline`),
+    measured in a fresh Python process."""
     spec = json.dumps({"path": str(path), "steps": steps, "guidance_scale": guidance_scale, "batch": batch,
-                       "repeats": repeats, "latency_repeats": latency_repeats})
+                       "repeats": repeats, "latency_repeats": latency_repeats, "sampler": sampler})
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--speed-child", spec],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS":
                                                               os.environ.get("OMP_NUM_THREADS", "1")})
@@ -115,6 +161,10 @@ def speed_child(spec: str) -> None:
     linux = not cuda and reset_rss_peak()
     baseline = _proc_status_mb("VmRSS") if linux else 0.0 if cuda else digits_eval.peak_memory_mb()
     pipe = digits_eval.load_pipeline(s["path"])
+    if s.get("sampler"):
+        from fewstep.digits.teacher_grid import with_sampler
+
+        with_sampler(pipe, s["sampler"], dict(pipe.scheduler.config))
     if cuda:
         pipe.to("cuda")
         torch.cuda.reset_peak_memory_stats()
@@ -161,11 +211,26 @@ def student_row(path: Path, n: int, seeds: list[int]) -> dict:
             "nfe": steps, **q}
 
 
+def teacher_best_row(teacher: Path, request: dict) -> tuple[dict, dict]:
+    """(row, grid result): the teacher at its best over the declared grid (`teacher_grid.teacher_best`, read from
+    its cache when this teacher, grid and protocol were scored before) as a table row with its sampler and NFE."""
+    from fewstep.digits.teacher_grid import label, settings, teacher_best
+
+    status(f"teacher {teacher} at its best over its grid ({len(settings(request['grid']))} settings; cached by its "
+           f"weights' hash in teacher_grid.json)")
+    result = teacher_best(teacher, log=status, **request)
+    best = result["best"]
+    row = {**best, "name": f"teacher at its best ({label(best)})", "role": "teacher_best", "path": str(teacher),
+           "setting": label(best), "nfe": nfe(best["steps"], best["guidance_scale"])}
+    status(f"teacher at its best: {label(best)}, FD-digits {best['fd_digits']:.4g} ({result['protocol']})")
+    return row, result
+
+
 def sample_images(row: dict) -> np.ndarray:
     """One image per class (0..9), the same seeds for every model: uint8 [10, H, W]."""
     from fewstep.digits import scoring as digits_eval
 
-    x, _ = digits_eval.generate(pipeline(row["path"]), 10, GRID_SEED, row["steps"],
+    x, _ = digits_eval.generate(pipeline(row["path"], row.get("sampler")), 10, GRID_SEED, row["steps"],
                                 row["guidance_scale"])
     return ((x[:, 0].clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
 
@@ -178,12 +243,17 @@ def plot_quality(rows: list[dict], out: Path) -> Path:
 
     fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     teacher = sorted((r for r in rows if r["role"] == "teacher"), key=lambda r: r["nfe"])
+    best = next((r for r in rows if r["role"] == "teacher_best"), None)
     for ax, key, label in ((ax_fd, "fd_digits", "FD-digits (lower is better; not FID)"),
                            (ax_acc, "accuracy", "class accuracy")):
         if teacher:
             ax.errorbar([r["nfe"] for r in teacher], [r[key] for r in teacher],
                         [r[f"{key}_std"] for r in teacher], marker="o", color="0.3", capsize=3,
-                        label=f"teacher (CFG {teacher[0]['guidance_scale']:g})")
+                        label=f"teacher, DDIM at CFG {teacher[0]['guidance_scale']:g} (a fixed setting)")
+        if best:
+            ax.axhline(best[key], color="tab:red", linestyle="--", linewidth=1)
+            ax.errorbar([best["nfe"]], [best[key]], [best[f"{key}_std"]], marker="*", ms=13, color="tab:red",
+                        capsize=3, linestyle="none", label=f"teacher at its best: {best['setting']} (reference)")
         for i, r in enumerate(r for r in rows if r["role"] == "student"):
             ax.errorbar([r["nfe"]], [r[key]], [r[f"{key}_std"]], marker="s^Dvp*h"[i % 7], ms=8, capsize=3,
                         linestyle="none", label=r["name"])
@@ -209,7 +279,7 @@ def plot_speed(rows: list[dict], out: Path) -> Path:
     ips = np.array([r["images_per_s"] for r in timed])
     err = np.array([[r["images_per_s"] - r["images_per_s_min"] for r in timed],
                     [r["images_per_s_max"] - r["images_per_s"] for r in timed]])
-    colors = ["0.5" if r["role"] == "teacher" else "tab:blue" for r in timed]
+    colors = ["tab:blue" if r["role"] == "student" else "0.5" for r in timed]
     ax_t.barh(names, ips, xerr=err, color=colors, capsize=3)
     ax_t.set_xlabel(f"images/s at batch {timed[0]['batch']} (median, min-max)")
     lat = np.array([1000 * r["latency_s"] for r in timed])
@@ -254,10 +324,10 @@ def plot_samples(rows: list[dict], out: Path) -> Path:
     return out / "samples.png"
 
 
-def fmt_row(r: dict, ref_fd: float) -> str:
-    ratio, ratio_sd = r["fd_digits"] / ref_fd, r["fd_digits_std"] / ref_fd
+def fmt_row(r: dict) -> str:
     cells = [r["name"], f"{r['steps']} / {r['nfe']}", f"{r['accuracy']:.3f} ± {r['accuracy_std']:.3f}",
-             f"{r['fd_digits']:.3g} ± {r['fd_digits_std']:.2g}", f"{ratio:.3g} ± {ratio_sd:.2g}"]
+             f"{r['fd_digits']:.3g} ± {r['fd_digits_std']:.2g}",
+             f"{r['fd_ratio_to_teacher']:.3g} ± {r['fd_ratio_std']:.2g}", f"{r['fd_ratio_to_teacher_fixed']:.3g}"]
     if "images_per_s" in r:
         cells += [f"{r['images_per_s']:.4g} [{r['images_per_s_min']:.4g}–{r['images_per_s_max']:.4g}]",
                   f"{1000 * r['latency_s']:.3g}",
@@ -267,25 +337,43 @@ def fmt_row(r: dict, ref_fd: float) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def outside_grid_note(rows: list[dict]) -> list[str]:
+    """A line naming the teacher rows that beat the reference: settings outside the declared grid (or within the
+    spread of the seeds), so the grid should be widened before the ratios are read as "to the teacher at its best"."""
+    better = [r["name"] for r in rows if r["role"] == "teacher" and r["fd_ratio_to_teacher"] < 1]
+    if not better:
+        return []
+    return [f"Note: {', '.join(better)} score below the teacher's best over the declared grid: a setting outside "
+            "the grid (or within the seeds' spread); widen it with --grid-guidance, --grid-steps, --grid-samplers.",
+            ""]
+
+
 def write_report(report: dict, out: Path) -> Path:
-    rows, s = report["rows"], report["settings"]
+    rows, s, ref, fixed = report["rows"], report["settings"], report["reference"], report["fixed_reference"]
     lines = [
-        "# fewstep benchmark: students vs teacher (digits)", "",
-        f"Teacher: `{s['teacher']}` (CFG {s['teacher_guidance']:g}); {s['samples']} samples per seed, seeds "
-        f"{s['seeds']}; throughput at batch {s['batch']} ({s['repeats']} repeats after a warm-up), latency at "
-        f"batch 1 ({s['latency_repeats']} repeats after a warm-up); {s['device']}, {s['threads']} torch thread(s).",
-        "", f"**{NOTE}** Ratios divide by the teacher's 50-step FD-digits at CFG {s['teacher_guidance']:g} "
-        f"({report['teacher_fd_digits']:.4g}): one fixed setting, not necessarily the teacher's best. Training runs' "
-        "metrics.json and `--methods-table` divide by the teacher at its best (fewstep.digits.teacher_grid).",
-        "",
-        "| model | steps / NFE | class accuracy | FD-digits (mean ± std) | FD ratio to teacher-50 | images/s "
-        "median [min–max] | latency/image at batch 1 (ms) | peak memory MB (+model) |",
-        "|---|---|---|---|---|---|---|---|",
-        *[fmt_row(r, report["teacher_fd_digits"]) for r in rows], "",
+        "# fewstep benchmark: students vs the teacher at its best (digits)", "",
+        f"Teacher: `{s['teacher']}`; {s['samples']} samples per seed, seeds {s['seeds']}; throughput at batch "
+        f"{s['batch']} ({s['repeats']} repeats after a warm-up), latency at batch 1 ({s['latency_repeats']} repeats "
+        f"after a warm-up); {s['device']}, {s['threads']} torch thread(s).", "",
+        f"**Reference: the teacher at its best, {ref['setting']}** (NFE {ref['nfe']}): FD-digits "
+        f"{ref['fd_digits']:.4g}, accuracy {ref['accuracy']:.3f}. Protocol: {ref['protocol']}. "
+        "FD ratio = FD-digits / this FD-digits (below 1 beats the teacher at its best).", "",
+        f"Beside it, labelled as such: the {fixed['column']}, dividing by the teacher's FD-digits at 50 DDIM steps, "
+        f"CFG {fixed['guidance_scale']:g} ({fixed['fd_digits']:.4g}), the end of the teacher curve in the table: "
+        "one fixed setting, not the teacher's best.", "", f"**{NOTE}**", "",
+        "| model | steps / NFE | class accuracy | FD-digits (mean ± std) | FD ratio to the teacher at its best | "
+        f"{fixed['column']} | images/s median [min–max] | latency/image at batch 1 (ms) | peak memory MB (+model) |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *[fmt_row(r) for r in rows], "", *outside_grid_note(rows),
         f"Peak memory: {rows[-1].get('memory_kind', 'n/a')}, measured in a fresh process per model; "
         "(+model) is the rise above the process after its imports.", "",
         "![quality vs NFE](quality_vs_nfe.png)", "", "![throughput](throughput.png)", "",
-        "![samples](samples.png)", ""]
+        "![samples](samples.png)", "", "## The teacher's grid", "",
+        f"Screened settings, lowest FD-digits first ({ref['screen_protocol']}); the winner is re-scored as above.", "",
+        "| setting | NFE | FD-digits (screen) | class accuracy (screen) |", "|---|---|---|---|",
+        *[f"| {g['setting']}{' (best)' if g['setting'] == ref['setting'] else ''} | {g['nfe']} | "
+          f"{g['fd_digits']:.4g} | {g['accuracy']:.3f} |" for g in sorted(ref["screen"], key=lambda g: g["fd_digits"])],
+        ""]
     (out / "report.md").write_text("\n".join(lines))
     return out / "report.md"
 
@@ -299,18 +387,38 @@ def benchmark(args) -> dict:
         if not digits_eval.is_class_pipeline_dir(p):
             raise SystemExit(f"error: {p} is not a class-conditional pipeline directory (unet/ with class "
                              "embeddings); for text-to-image models use eval/generate.py, fid.py and clip_score.py")
+    from fewstep.digits.teacher_grid import label
+
     t0 = time.perf_counter()
     steps_list = sorted(set(args.teacher_steps) | {50})
-    status(f"benchmarking {len(args.models)} student(s) against {teacher}; report into {args.out}")
+    status(f"benchmarking {len(args.models)} student(s) against {teacher} at its best; report into {args.out}")
+    best, grid = teacher_best_row(teacher, grid_request(args))
     rows = teacher_rows(teacher, steps_list, args.teacher_guidance, args.samples, args.seeds)
-    rows += [student_row(Path(p), args.samples, args.seeds) for p in args.models]
-    ref_fd = next(r["fd_digits"] for r in rows if r["role"] == "teacher" and r["steps"] == 50)
+    rows += [best] + [student_row(Path(p), args.samples, args.seeds) for p in args.models]
+    fixed = next(r for r in rows if r["role"] == "teacher" and r["steps"] == 50)
+    best_fd, fixed_fd = best["fd_digits"], fixed["fd_digits"]
     for r in rows:
-        r["fd_ratio_to_teacher"], r["fd_ratio_std"] = r["fd_digits"] / ref_fd, r["fd_digits_std"] / ref_fd
-        if r["role"] == "student" or r["steps"] == 50:
+        r["fd_ratio_to_teacher"], r["fd_ratio_std"] = r["fd_digits"] / best_fd, r["fd_digits_std"] / best_fd
+        r["fd_ratio_to_teacher_fixed"] = r["fd_digits"] / fixed_fd
+        if r["role"] != "teacher" or r["steps"] == 50:
             status(f"{r['name']}: images/s, batch-1 latency and peak memory (in a fresh process)")
             r.update(measure_speed(Path(r["path"]), r["steps"], r["guidance_scale"], args.batch, args.repeats,
-                                   args.latency_repeats))
+                                   args.latency_repeats, r.get("sampler")))
+    w = args.teacher_guidance
+    reference = {"description": f"the teacher at its best: {best['setting']} ({grid['protocol']})",
+                 "setting": best["setting"], "sampler": best["sampler"], "steps": best["steps"],
+                 "guidance_scale": best["guidance_scale"], "nfe": best["nfe"], "fd_digits": best_fd,
+                 "fd_digits_std": best["fd_digits_std"], "accuracy": best["accuracy"],
+                 "num_samples": best["num_samples"], "seeds": best["seeds"], "protocol": grid["protocol"],
+                 "screen_protocol": f"{len(grid['screen'])} settings at {grid['screen'][0]['num_samples']} samples, "
+                                    f"seed(s) {grid['screen'][0]['seeds']}",
+                 "grid": grid["grid"], "weights_sha256": grid["weights_sha256"],
+                 "screen": [{"setting": label(g), "sampler": g["sampler"], "steps": g["steps"],
+                             "guidance_scale": g["guidance_scale"], "nfe": nfe(g["steps"], g["guidance_scale"]),
+                             "fd_digits": g["fd_digits"], "accuracy": g["accuracy"]} for g in grid["screen"]]}
+    fixed_reference = {"description": f"the teacher at 50 DDIM steps, CFG {w:g} (a fixed setting, not its best)",
+                       "column": f"ratio to the teacher at 50 steps, CFG {w:g} (a fixed setting)",
+                       "steps": 50, "guidance_scale": w, "nfe": fixed["nfe"], "fd_digits": fixed_fd}
     import torch
 
     settings = {"teacher": str(teacher), "teacher_guidance": args.teacher_guidance, "samples": args.samples,
@@ -318,7 +426,8 @@ def benchmark(args) -> dict:
                 "latency_repeats": args.latency_repeats, "threads": torch.get_num_threads(),
                 "device": torch.cuda.get_device_name() if torch.cuda.is_available() else
                 f"CPU ({platform.processor() or platform.machine()})"}
-    return {"settings": settings, "rows": rows, "teacher_fd_digits": ref_fd, "note": NOTE,
+    return {"settings": settings, "reference": reference, "fixed_reference": fixed_reference,
+            "teacher_best_fd_digits": best_fd, "teacher_fixed_fd_digits": fixed_fd, "rows": rows, "note": NOTE,
             "seconds": time.perf_counter() - t0}
 
 
@@ -476,6 +585,8 @@ def methods_table(paths: list[str], out: Path, rebase: bool = False) -> Path:
 
 
 def parser() -> argparse.ArgumentParser:
+    from fewstep.digits.teacher_grid import FINAL_SEEDS, GRID, SCREEN_SAMPLES
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="*", help="student directories (exported pipelines), or run folders with "
                    "--methods-table")
@@ -488,8 +599,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=2000, help="images per seed for accuracy and FD-digits")
     p.add_argument("--seeds", type=parse_ints, default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--teacher-steps", type=parse_ints, default=[1, 2, 4, 8, 50],
-                   help="teacher step counts for the quality-vs-NFE curve (50 is always included)")
-    p.add_argument("--teacher-guidance", type=float, default=2.0, help="teacher CFG, uncond + w (cond - uncond)")
+                   help="teacher step counts for its quality-vs-NFE curve at --teacher-guidance (50 is always "
+                   "included: the fixed setting of the second ratio column)")
+    p.add_argument("--teacher-guidance", type=float, default=2.0, help="CFG w of the teacher's curve, uncond + w "
+                   "(cond - uncond); its 50-step row is the 'ratio to the teacher at 50 steps, CFG w (a fixed "
+                   "setting)' column, not the reference")
+    grid = p.add_argument_group("the reference: the teacher at its best over a declared grid (cached per teacher "
+                                "weights; the defaults are fewstep.digits.teacher_grid's and read its cache)")
+    grid.add_argument("--grid-guidance", type=parse_floats, default=sorted(GRID["guidance_scale"]),
+                      help="comma-separated CFG scales (default %(default)s)")
+    grid.add_argument("--grid-steps", type=parse_ints, default=sorted(GRID["steps"]),
+                      help="comma-separated step counts (default %(default)s)")
+    grid.add_argument("--grid-samplers", type=parse_samplers, default=sorted(GRID["sampler"]),
+                      help="comma-separated samplers: ddim (deterministic), ddpm (stochastic, ancestral) "
+                      "(default %(default)s)")
+    grid.add_argument("--grid-screen-samples", type=int, default=SCREEN_SAMPLES,
+                      help="samples per setting in the screen, seed 0 (default %(default)s)")
+    grid.add_argument("--grid-seeds", type=parse_ints, default=list(FINAL_SEEDS),
+                      help="seeds of the best screened setting, re-scored at --samples (default %(default)s)")
     p.add_argument("--batch", type=int, default=100, help="batch size of the throughput measurement")
     p.add_argument("--repeats", type=int, default=3, help="timed throughput repeats after a warm-up")
     p.add_argument("--latency-repeats", type=int, default=10, help="timed batch-1 calls after a warm-up")

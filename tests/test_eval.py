@@ -357,18 +357,30 @@ def test_clip_score_matches_direct_computation(tmp_path):
 # ---------------------------------------------------------------- benchmark.py
 
 
+BENCH_GRID = ["--grid-guidance", "1,2", "--grid-steps", "2,4", "--grid-samplers", "ddim,ddpm",
+              "--grid-screen-samples", "50"]
+
+
 def test_benchmark_writes_report_and_plots(class_dirs, tmp_path, capsys):
+    """The reference is the teacher at its best over the declared grid (here 2 x 2 x 2 settings, none of them the
+    fixed 50-step CFG-2 setting): every ratio divides by its FD-digits, read back from the grid's cache; the ratio
+    to the fixed setting is a second, labelled column."""
+    from fewstep.digits.teacher_grid import label, teacher_best
+
     bench = load_script("benchmark")
     teacher, student = class_dirs
     out = tmp_path / "report"
     assert bench.main([str(student), "--teacher", str(teacher), "--out", str(out), "--samples", "20", "--seeds", "0",
-                       "--teacher-steps", "1", "--batch", "4", "--repeats", "1", "--latency-repeats", "1"]) == 0
+                       "--teacher-steps", "1", "--batch", "4", "--repeats", "1", "--latency-repeats", "1",
+                       *BENCH_GRID]) == 0
     # one progress line per phase on stderr (never minutes of silence), the last naming what was written
     progress = capsys.readouterr().err.strip().splitlines()
     assert all(line.startswith("[") and " s] " in line for line in progress), progress
     phases = " | ".join(progress)
-    for phase in (f"teacher {teacher} at 1 step(s)", f"teacher {teacher} at 50 step(s)", f"student {student} at 2",
-                  "student: images/s", "teacher 50 steps: images/s", f"plots and sample grid into {out}"):
+    for phase in (f"teacher {teacher} at its best over its grid (8 settings", "[8/8] DDPM, 4 steps, CFG 2",
+                  f"teacher {teacher} at 1 step(s)", f"teacher {teacher} at 50 step(s)", f"student {student} at 2",
+                  "student: images/s", "teacher 50 steps: images/s", "teacher at its best (", "teacher at its best: ",
+                  f"plots and sample grid into {out}"):
         assert phase in phases, (phase, progress)
     assert str(out / "report.md") in progress[-1] and str(out / "report.json") in progress[-1]
     assert "samples.png" in progress[-1]
@@ -376,16 +388,61 @@ def test_benchmark_writes_report_and_plots(class_dirs, tmp_path, capsys):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     report = json.loads((out / "report.json").read_text())
     rows = {r["name"]: r for r in report["rows"]}
-    assert set(rows) == {"teacher 1 step", "teacher 50 steps", "student"}
+    ref, fixed = report["reference"], report["fixed_reference"]
+    best_name = f"teacher at its best ({ref['setting']})"
+    assert set(rows) == {"teacher 1 step", "teacher 50 steps", best_name, "student"}
+
+    # the reference is the grid's best, as cached beside the teacher for this grid and protocol
+    grid = teacher_best(teacher, 20, seeds=(0,), grid={"guidance_scale": (1.0, 2.0), "steps": (2, 4),
+                                                       "sampler": ("ddim", "ddpm")}, screen_samples=50, compute=False)
+    best = grid["best"]
+    assert ref["setting"] == label(best) == label(min(grid["screen"], key=lambda r: r["fd_digits"]))
+    assert ref["fd_digits"] == best["fd_digits"] == rows[best_name]["fd_digits"] == report["teacher_best_fd_digits"]
+    assert ref["protocol"] == grid["protocol"] and "8 settings" in ref["protocol"] and len(ref["screen"]) == 8
+    assert rows[best_name]["nfe"] == best["steps"] * (1 if best["guidance_scale"] == 1.0 else 2)
+    fixed_fd = rows["teacher 50 steps"]["fd_digits"]
+    assert fixed["fd_digits"] == fixed_fd == report["teacher_fixed_fd_digits"]
+    assert abs(best["fd_digits"] - fixed_fd) > 1e-3 * fixed_fd       # so the two ratios below differ
+    # every ratio divides by the teacher at its best; the fixed-setting ratio sits beside it
+    for r in rows.values():
+        assert r["fd_ratio_to_teacher"] == pytest.approx(r["fd_digits"] / best["fd_digits"], rel=1e-12)
+        assert r["fd_ratio_std"] == pytest.approx(r["fd_digits_std"] / best["fd_digits"], rel=1e-12)
+        assert r["fd_ratio_to_teacher_fixed"] == pytest.approx(r["fd_digits"] / fixed_fd, rel=1e-12)
+    assert rows[best_name]["fd_ratio_to_teacher"] == 1.0 and rows["teacher 50 steps"]["fd_ratio_to_teacher_fixed"] == 1
+    assert rows["student"]["fd_ratio_to_teacher"] != pytest.approx(rows["student"]["fd_ratio_to_teacher_fixed"])
+
     assert rows["student"]["nfe"] == 2 and rows["teacher 50 steps"]["nfe"] == 100
-    assert rows["teacher 50 steps"]["fd_ratio_to_teacher"] == pytest.approx(1.0)
-    for r in (rows["student"], rows["teacher 50 steps"]):
+    for r in (rows["student"], rows["teacher 50 steps"], rows[best_name]):
         assert r["images_per_s_min"] <= r["images_per_s"] <= r["images_per_s_max"]
         assert r["latency_s"] > 0 and r["peak_memory_mb"] > 0
     md = (out / "report.md").read_text()
     assert "| student | 2 / 2 |" in md and "FD-digits" in md
+    assert f"**Reference: the teacher at its best, {ref['setting']}** (NFE {rows[best_name]['nfe']})" in md
+    assert ref["protocol"] in md and f"| {best_name} | {best['steps']} / {rows[best_name]['nfe']} |" in md
+    assert "| FD ratio to the teacher at its best | ratio to the teacher at 50 steps, CFG 2 (a fixed setting) |" in md
+    assert f"| {ref['setting']} (best) |" in md
+    assert ("Note: teacher 50 steps score below" in md) == (rows["teacher 50 steps"]["fd_ratio_to_teacher"] < 1)
     assert md.replace("not FID", "").count("FID") == 0
     assert image_size(out / "samples.png")[0] > 500
+
+
+def test_benchmark_defaults_read_the_bundled_teachers_cached_grid():
+    """`python eval/benchmark.py runs/dmd2_digits` asks teacher_best for the protocol the bundled teacher's cache
+    holds (2000 samples, seed 0, the default grid): it scores no grid setting; --help says so."""
+    from fewstep.digits import DIGITS_TEACHER, teacher_grid
+
+    bench = load_script("benchmark")
+    request = bench.grid_request(bench.parser().parse_args(["runs/dmd2_digits"]))
+    assert request["grid"] == {k: tuple(sorted(v)) for k, v in teacher_grid.GRID.items()}
+    cached = teacher_grid.teacher_best(DIGITS_TEACHER, compute=False, **request)     # LookupError on a cache miss
+    assert cached["best"]["num_samples"] == 2000 and len(cached["screen"]) == 24
+    typed = bench.grid_request(bench.parser().parse_args(["x", "--grid-guidance", "2,1.5,1.25,1",
+                                                          "--grid-samplers", "DDPM,ddim"]))
+    assert typed == request                                   # the order typed does not miss the cache
+    text = bench.parser().format_help()
+    for phrase in ("teacher at its best", "--grid-guidance", "--grid-screen-samples", "weights' hash",
+                   "(a fixed setting)", "stochastic DDPM"):
+        assert phrase in text, phrase
 
 
 def test_methods_table_from_run_metrics(tmp_path, capsys):

@@ -242,3 +242,50 @@ def test_quality_report(digits, net1, net2):
     assert rep["per_class_fd"] == pytest.approx(quality.per_class_fd(images, labels, net1), rel=1e-9)
     assert rep["memorisation"]["copies"] is False and rep["num_samples"] == len(held_idx)
     assert "memorisation" not in quality.quality_report(images[:50], labels[:50], net1, net2)
+
+
+def test_score_with_quality_equals_every_piece_computed_afresh(tiny_teacher_dir, digits, net1, net2):
+    """`scoring.score(quality=True)` takes net 1's accuracy and FD-digits from the quality report and the real digits'
+    features from the per-process cache: every figure equals the pieces computed afresh (real features extracted
+    again, accuracy and FD-digits by `metrics`), exactly."""
+    from fewstep.digits import scoring
+
+    pipe, n, seeds = scoring.load_pipeline(tiny_teacher_dir), 30, (0, 1)
+    out = scoring.score(pipe, n, seeds, steps=2, guidance_scale=1.5, quality=True)
+    real_x, real_y = digits[0], digits[1]
+    per_seed = []
+    for s in seeds:
+        x, y = scoring.generate(pipe, n, s, 2, 1.5)
+        row = {"accuracy": metrics.class_accuracy(x, y, net1), "fd_digits": metrics.fd_digits(x, net1), "x": x}
+        for suffix, net in (("", net1), ("_net2", net2)):
+            real_f, fake_f = metrics.extract_features(real_x, net), metrics.extract_features(x, net)
+            row[f"accuracy{suffix}"] = metrics.class_accuracy(x, y, net)
+            row[f"fd_digits{suffix}"] = metrics.frechet_distance(*metrics.feature_stats(fake_f),
+                                                                 *metrics.feature_stats(real_f))
+            row[f"precision{suffix}"], row[f"recall{suffix}"] = quality.precision_recall(real_f, fake_f)
+            if not suffix:
+                row["per_class_fd"] = quality._per_class_fd_feats(fake_f, y, real_f, real_y)
+        per_seed.append(row)
+    assert out["fd_digits_per_seed"] == [r["fd_digits"] for r in per_seed]
+    assert out["fd_digits"] == float(np.mean(out["fd_digits_per_seed"]))
+    for key in ("accuracy", "accuracy_net2", "fd_digits_net2", "precision", "recall", "precision_net2", "recall_net2"):
+        vals = [r[key] for r in per_seed]
+        assert (out[key], out[f"{key}_std"]) == (float(np.mean(vals)), float(np.std(vals))), key
+    assert out["per_class_fd"] == {c: float(np.mean([r["per_class_fd"][c] for r in per_seed])) for c in range(10)}
+    assert out["nearest_train"] == quality.nearest_train_summary(per_seed[0]["x"], real_x.clone())
+    # the plain path (quality=False) gives the same accuracy and FD-digits
+    plain = scoring.score(pipe, n, seeds, steps=2, guidance_scale=1.5)
+    assert (plain["accuracy"], plain["fd_digits_per_seed"]) == (out["accuracy"], out["fd_digits_per_seed"])
+
+
+def test_real_features_are_cached_per_net_weights(digits, net1):
+    x = digits[0]
+    feats, labels = quality.real_features(net1)
+    assert torch.equal(feats, metrics.extract_features(x, net1)) and torch.equal(labels, digits[1])
+    assert quality.real_features(metrics.load_digits_net())[0] is feats           # the same weights: a cache hit
+    other = metrics.load_digits_net()
+    with torch.no_grad():
+        other.fc.weight.mul_(1.01)
+    assert torch.equal(quality.real_features(other)[0], metrics.extract_features(x, other))
+    assert not torch.equal(quality.real_features(other)[0], feats)                # new weights: extracted anew
+    assert quality.copy_threshold() == quality.copy_threshold() == quality.copy_threshold(x.clone())
