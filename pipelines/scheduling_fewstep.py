@@ -15,15 +15,25 @@ and the last x0 is the sample. Two noise processes are supported:
 * "flow": rectified flow, s = k / num_train_timesteps, x_t = (1 - s) x0 + s eps; the model predicts
   u = eps - x0 ("flow_prediction"), so x0 = x_t - s u.
 
+Flow maps (MeanFlow, arXiv 2505.13447): a student F(x_t, t, r) that jumps from t to any earlier r samples at
+every step count n up to a maximum. `flow_map_timesteps[n - 1]` is the n-step t-list and `flow_map_pairs[n - 1]`
+its (t, r) pairs in flow time (r = the next listed time, 0 at the last step); each step is the "ddim" jump above
+(z_r = z_t - (t - r) u is alpha_r x0 + sigma_r eps of the (x0, eps) the model's u implies), and the backbone sees
+r through a `FewStepTimeOffset` (flowmap_fewstep.py, saved in `time_offset/` beside this file) that
+`set_timesteps` hooks onto the calling pipeline's backbone(s), or onto those given to `attach`.
+
 This file imports only the standard library, torch, numpy and diffusers so that it can be copied alone
 into an exported pipeline directory and loaded with `trust_remote_code=True`. `save_pretrained` copies it
 into the scheduler folder itself, and any pipeline holding this scheduler records it as
 ["scheduling_fewstep", "FewStepScheduler"], so a saved pipeline folder reloads in a Python without fewstep.
 """
 
+import importlib.util
 import math
 import os
 import shutil
+import sys
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +55,8 @@ ALLOWED_PREDICTIONS = {
 }
 # the module name of this file inside a saved scheduler folder (diffusers loads `<folder>/<module>.py`)
 SAVED_MODULE = "scheduling_fewstep"
+# a flow map's offset embedding: its folder inside the scheduler folder, and the file of its class there
+TIME_OFFSET, TIME_OFFSET_MODULE = "time_offset", "flowmap_fewstep"
 
 
 @dataclass
@@ -104,6 +116,8 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         timestep_scaling: float = 0.0,
         renoise: str = "fresh",
         use_flow_sigmas: bool = False,
+        flow_map_timesteps=None,
+        flow_map_pairs=None,
     ):
         if process not in ALLOWED_PREDICTIONS:
             raise ValueError(f"process={process!r} is not supported; use 'vp' or 'flow'.")
@@ -128,6 +142,10 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = self._as_tensor(train_timesteps) if train_timesteps is not None else None
         self.sigmas = None
         self._begin_index = None
+        self._check_flow_map(flow_map_timesteps, flow_map_pairs)
+        self.time_offset = None     # a flow map's FewStepTimeOffset (from_pretrained loads it from time_offset/)
+        self._flow = None           # (the (t, r) pairs in use, the step in flight, weakref to the calling pipeline)
+        self._attached = False      # whether attach() hooked a backbone by hand
         # a pipeline records each component as (obj.__module__, class name) in model_index.json; the class's own
         # module ("fewstep_pipelines.scheduling_fewstep", or "diffusers_modules.local..." once loaded from a
         # folder) cannot be imported elsewhere, the copy that save_config writes into the scheduler folder can
@@ -141,9 +159,26 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         folder loads with `trust_remote_code=True` where fewstep is not installed."""
         os.makedirs(save_directory, exist_ok=True)
         target = os.path.join(save_directory, SAVED_MODULE + ".py")
-        if not os.path.exists(target) or not os.path.samefile(__file__, target):
-            shutil.copyfile(__file__, target)
+        _copy_source(__file__, target)
+        if self.time_offset is not None:        # a flow map: its offset embedding, weights and code, beside it
+            folder = os.path.join(save_directory, TIME_OFFSET)
+            self.time_offset.save_pretrained(folder)
+            source = type(self.time_offset).forward.__code__.co_filename
+            _copy_source(source, os.path.join(folder, TIME_OFFSET_MODULE + ".py"))
         super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path=None, subfolder=None, return_unused_kwargs=False,
+                        **kwargs):
+        """`SchedulerMixin.from_pretrained`; a flow map also loads its offset embedding from `time_offset/` (the
+        folder must be local: download a hub copy first)."""
+        out = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder,
+                                      return_unused_kwargs=return_unused_kwargs, **kwargs)
+        scheduler = out[0] if return_unused_kwargs else out
+        if scheduler.config.flow_map_pairs is not None:
+            folder = os.path.join(str(pretrained_model_name_or_path), subfolder or "", TIME_OFFSET)
+            scheduler.time_offset = load_time_offset(folder)
+        return out
 
     # ---------------------------------------------------------------- timesteps
 
@@ -187,6 +222,9 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         pipelines forward; `mu` (a pipeline's resolution-dependent shift) is accepted and ignored, because
         the student's t-list is explicit and already holds whatever shift it was trained with.
         """
+        if self.config.flow_map_pairs is not None:
+            timesteps = self._flow_map_list(num_inference_steps, timesteps, sigmas)
+            num_inference_steps = sigmas = None
         if sigmas is not None:
             if timesteps is not None:
                 raise ValueError("got both sigmas=[...] and timesteps=[...]; pass only one of them.")
@@ -210,6 +248,8 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         sigma = sigma if self.config.process == "flow" else sigma / alpha
         self.sigmas = torch.cat([sigma, torch.zeros(1)]).to(device)
         self._begin_index = None
+        if self.config.flow_map_pairs is not None:
+            self._flow = (self.config.flow_map_pairs[len(chosen) - 1], 0, self._hook_caller())
 
     def _explicit_list_hint(self):
         """How a caller passes its own t-list. This scheduler cannot know which pipeline calls it, and pipelines
@@ -329,9 +369,88 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         else:
             eps = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
             prev_sample = self.add_noise(x0, eps, self.timesteps[i + 1])
+        if self._flow is not None:         # the next backbone call is step i + 1's; none after the last
+            self._flow = None if i == len(self.timesteps) - 1 else (self._flow[0], i + 1, self._flow[2])
         if not return_dict:
             return prev_sample, x0
         return FewStepSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+    # ---------------------------------------------------------------- flow maps
+
+    def _check_flow_map(self, lists, pairs):
+        if lists is None and pairs is None:
+            return
+        if lists is None or pairs is None:
+            raise ValueError("flow_map_timesteps and flow_map_pairs come together (a t-list and its (t, r) pairs "
+                             "for each step count); pass both or neither.")
+        lists = [self._check_timesteps(ts, f"flow_map_timesteps[{n}]") for n, ts in enumerate(lists)]
+        pairs = [[[float(t), float(r)] for t, r in steps] for steps in pairs]
+        counts = list(range(1, len(lists) + 1))
+        if [len(ts) for ts in lists] != counts or [len(p) for p in pairs] != counts:
+            raise ValueError("flow_map_timesteps[n - 1] and flow_map_pairs[n - 1] must hold n entries each "
+                             f"(n = 1, 2, ...); got {[len(ts) for ts in lists]} and {[len(p) for p in pairs]}.")
+        self.register_to_config(flow_map_timesteps=lists, flow_map_pairs=pairs)
+
+    def _flow_map_list(self, n, timesteps, sigmas):
+        """The recorded n-step t-list of a flow map (n = None: the trained step count)."""
+        lists = self.config.flow_map_timesteps
+        if timesteps is not None or sigmas is not None:
+            raise ValueError(f"this flow-map scheduler samples the t-lists it records for 1 to {len(lists)} steps "
+                             "(each step's r is the next of them); pass num_inference_steps, not timesteps or sigmas.")
+        if n is None:
+            n = len(self.config.train_timesteps or lists[-1])
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= len(lists):
+            raise ValueError(f"num_inference_steps={n!r} is invalid; this flow map samples 1 to {len(lists)} steps.")
+        return list(lists[n - 1])
+
+    def attach(self, model):
+        """Hook the flow map's offset embedding onto `model`, a backbone called outside a pipeline (within one,
+        `set_timesteps` hooks the pipeline's own backbones); it then sees r on each step of this scheduler."""
+        self._offset().attach(model, self._pair_in_flight)
+        self._attached = True
+
+    def _offset(self):
+        if self.time_offset is None:
+            raise ValueError("this flow-map scheduler has no time offset; load it with "
+                             f"FewStepScheduler.from_pretrained from its folder (with {TIME_OFFSET}/), not from_config.")
+        return self.time_offset
+
+    def _hook_caller(self):
+        """Hook the offset onto the backbones of the pipeline that called `set_timesteps` (a stock pipeline hands its
+        backbone only t; this scheduler knows r): a weak reference to that pipeline, or None."""
+        pipe = self._offset().hook_caller(self, sys._getframe(2), self._pair_in_flight)
+        if pipe is None and not self._attached:
+            raise ValueError("a flow-map scheduler used outside a diffusers pipeline needs its backbone: call "
+                             "scheduler.attach(backbone) once before sampling.")
+        return None if pipe is None else weakref.ref(pipe)
+
+    def _pair_in_flight(self):
+        """The flow-time (t, r) of the backbone call in flight, or None (not sampling, or the pipeline that this
+        scheduler was hooked through now holds another scheduler)."""
+        if self._flow is None:
+            return None
+        pairs, k, owner = self._flow
+        if owner is not None and getattr(owner(), "scheduler", None) is not self:
+            return None
+        return pairs[k]
+
+
+def _copy_source(src, dst):
+    # saving into the folder the code was loaded from would copy a file onto itself
+    if not os.path.exists(dst) or not os.path.samefile(src, dst):
+        shutil.copyfile(src, dst)
+
+
+def load_time_offset(folder):
+    """The `FewStepTimeOffset` saved in `folder`, built by the copy of its class saved beside its weights."""
+    path = os.path.join(folder, TIME_OFFSET_MODULE + ".py")
+    if not os.path.isfile(path):
+        raise ValueError(f"{folder} holds no {TIME_OFFSET_MODULE}.py: a flow-map scheduler needs its time offset "
+                         "beside it; load the scheduler from a local copy of the whole exported folder.")
+    spec = importlib.util.spec_from_file_location(TIME_OFFSET_MODULE, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.FewStepTimeOffset.from_pretrained(folder).eval()
 
 
 def _expand(v, like):

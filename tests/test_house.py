@@ -45,7 +45,7 @@ def test_every_entry_script_is_the_same_few_lines():
 
 
 def test_an_unknown_method_is_a_config_error():
-    with pytest.raises(ConfigError, match="method 'nope' is not known; available: consistency, decoupled_dmd, dmd2"):
+    with pytest.raises(ConfigError, match="method 'nope' is not known; available: consistency, decoupled_dmd, disback"):
         method_class("nope")
 
 

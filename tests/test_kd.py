@@ -302,7 +302,7 @@ def work(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("family,timesteps", [("sd15", (999, 499)), ("sd3", (1000, 500))])
+@pytest.mark.parametrize("family,timesteps", [("sd15", (999, 499)), ("sd3", (1000, 500)), ("flux", (1000, 500))])
 def test_two_steps_export_and_reload_in_plain_diffusers(family, timesteps, work, teachers):
     """Two KD steps of a 2-step student on a prompt source (4 pairs from 4 teacher steps), the export reloaded in
     the stock pipeline at 1 and 2 steps, and the run folder as a student; a resumed run reuses the pairs."""
@@ -319,7 +319,8 @@ def test_two_steps_export_and_reload_in_plain_diffusers(family, timesteps, work,
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / CACHE).iterdir()}
     assert sorted(stamps) == ["shard_000000.pt", "shard_000001.pt"]
     pipe = load_stock(family, out)
-    assert type(pipe).__name__ == {"sd15": "StableDiffusionPipeline", "sd3": "StableDiffusion3Pipeline"}[family]
+    assert type(pipe).__name__ == {"sd15": "StableDiffusionPipeline", "sd3": "StableDiffusion3Pipeline",
+                                   "flux": "FluxPipeline"}[family]
     for steps in (1, 2):
         x = generate(pipe, family, PROMPTS[:2], steps)
         assert tuple(x.shape) == (2, 3, SIZE, SIZE) and torch.isfinite(x).all()

@@ -1,7 +1,7 @@
 """sCM (Lu & Song, arXiv 2410.11081) and rCM (Zheng et al., arXiv 2510.08431): the exact VP / flow <-> TrigFlow map,
 the sCD loss against Algorithm 1 with the JVP replaced by a central finite difference, turn isolation, rCM at
 lambda = 0 equal to sCM, the export (plain diffusers, equal to fewstep's sampler) and two training steps on the tiny
-SD1.5 and SD3 pipelines.
+SD1.5, SD3 and Flux pipelines (convergence on the exact toy teacher: tests/test_flowmap_toy.py).
 
 The finite-difference check runs on test_meanflow's small smooth float64 flow model: diffusers' own models compute
 their timestep sinusoids in float32, which limits a difference quotient to ~1e-3, far above the 1e-4 asked here.
@@ -221,7 +221,7 @@ def work(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", ["scm", "rcm"])
-@pytest.mark.parametrize("family,timesteps", [("sd15", (999, 499)), ("sd3", (1000, 500))])
+@pytest.mark.parametrize("family,timesteps", [("sd15", (999, 499)), ("sd3", (1000, 500)), ("flux", (1000, 500))])
 def test_two_steps_and_export_on_tiny_pipelines(method, family, timesteps, work, teachers):
     """Two training steps on captioned images (rCM: both turns), the export in the family's stock pipeline (the
     stock pipeline's equality to the sampler on this export route is tests/test_t2i.py's)."""

@@ -435,7 +435,13 @@ PRESET_TEACHER = {"sd15_dmd2": ("dmd2", "sd15", ()), "sdxl_dmd2_4step": ("dmd2",
                   "pixart_pgsb": ("swiftbrush", "pixart", ()),
                   "sd15_kd": ("kd", "sd15", ("--method.pairs", "2", "--method.teacher_steps", "2")),
                   "sd15_guidance_lora": ("guidance_lora", "sd15", ("--data.source", "images",
-                                                                   "--method.sample_steps", "2"))}
+                                                                   "--method.sample_steps", "2")),
+                  "sd35_twinflow": ("twinflow", "sd3", ("--data.batch_size", "4")),
+                  "sd35_twinflow_lora": ("twinflow", "sd3", ("--data.batch_size", "4")),
+                  # one recorded node, then one backtracking step at the teacher
+                  "sdxl_disback": ("disback", "sdxl", ("--method.record_steps", "1", "--method.snapshot_every", "1",
+                                                       "--train.max_steps", "2")),
+                  "sd15_msd": ("msd", "sd15", ())}
 
 
 def test_every_real_model_preset_is_listed_here():

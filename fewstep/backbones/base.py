@@ -19,6 +19,9 @@ class DiffusersAdapter(BackboneAdapter):
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return lora.adapter_parameters(self.model, name)
 
+    def merged_weights(self, name: str) -> dict[str, Tensor]:
+        return lora.merged_weights(self.model, name)
+
 
 class TokenAdapter(DiffusersAdapter):
     """Base of the transformer adapters (SD3, Flux, PixArt, Sana, Wan).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -79,6 +80,15 @@ def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
     """The parameters of adapter ``name`` (peft names them ``...lora_A.<name>.weight``)."""
     tag = f".{name}."
     return [p for n, p in model.named_parameters() if tag in n]
+
+
+def merged_weights(model: nn.Module, name: str) -> dict:
+    """``module path -> W + delta`` (float32) of every layer adapter ``name`` adapts: the weights a plain copy of
+    ``model`` takes there to run as the base with the adapter merged in (``merged_copy`` without a copy)."""
+    layers = {id(m) for m in _layers(model)}
+    with torch.no_grad():
+        return {path: m.get_base_layer().weight.float() + m.get_delta_weight(name).float()
+                for path, m in model.named_modules() if id(m) in layers and name in m.lora_A}
 
 
 def adapter_state_dict(model: nn.Module, name: str, convert: bool = True) -> dict:

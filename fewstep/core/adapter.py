@@ -40,6 +40,11 @@ class BackboneAdapter(nn.Module):
         """The parameters of LoRA adapter ``name`` on this backbone."""
         raise NotImplementedError(f"{type(self).__name__} has no LoRA adapters (asked for {name!r})")
 
+    def merged_weights(self, name: str) -> dict[str, Tensor]:
+        """``module path -> weight`` (float32) of every module LoRA adapter ``name`` adapts, with the adapter merged
+        into the base weight: what a plain copy of the model takes there to run as base + adapter."""
+        raise NotImplementedError(f"{type(self).__name__} has no LoRA adapters (asked for {name!r})")
+
     @property
     def dtype(self):
         return next(self.model.parameters()).dtype

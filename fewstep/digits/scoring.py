@@ -30,7 +30,10 @@ def load_pipeline(path):
     # students exported with a stock scheduler (LCMScheduler for consistency students) keep its class
     name = sched_cfg.get("_class_name")
     sched_cls = FewStepScheduler if name == "FewStepScheduler" else getattr(diffusers, name, DDIMScheduler)
-    unet = UNet2DModel.from_pretrained(path, subfolder="unet").eval()
+    unet_cls = UNet2DModel
+    if json.loads((path / "unet" / "config.json").read_text()).get("_class_name") == "FewStepRouter":
+        from fewstep_pipelines.router_fewstep import FewStepRouter as unet_cls  # MSD: the students behind a router
+    unet = unet_cls.from_pretrained(path, subfolder="unet").eval()
     index = json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").is_file() else {}
     experts = {k: UNet2DModel.from_pretrained(path, subfolder=k).eval() for k in ("unet_1", "unet_2", "unet_3")
                if (path / k / "config.json").is_file()}   # phased students: one unet per phase
@@ -156,6 +159,8 @@ def is_class_pipeline_dir(path) -> bool:
     if not unet_cfg.is_file() or (path / "text_encoder").is_dir():
         return False
     cfg = json.loads(unet_cfg.read_text())
+    if cfg.get("_class_name") == "FewStepRouter":      # MSD: class students behind a router
+        cfg = {**(cfg.get("student_config") or {}), "_class_name": cfg.get("student_class")}
     return cfg.get("_class_name") == "UNet2DModel" and cfg.get("num_class_embeds") is not None
 
 

@@ -48,14 +48,32 @@ class Parts(Protocol):
         own prompts (same encoder, embedding cache and device), for a method that conditions on prompts of its
         own (SFD's forget and override prompts); a ``ConfigError`` where the source has no prompts."""
 
+    def adapter(self, name: str) -> Denoiser:
+        """A new LoRA adapter ``name`` (rank ``model.lora_rank``, starting as the teacher) on the teacher's own
+        frozen backbone, in either mode: only the adapter's weights are new, and the teacher runs with every
+        adapter off. In full mode make the student and critic first: they are copies of the teacher's model."""
+
+    def prompts(self) -> list[str]:
+        """The run's training prompts in order (``data.prompts``, or the images' captions), for a method that
+        partitions them (MSD's prompt clusters); a ``ConfigError`` where the source has no prompts."""
+
 
 @dataclass(frozen=True)
 class Turn:
     """One optimizer update inside a training step: runs on steps where ``step % every == 0``
-    (the two time-scale update rule of DMD2 is ``Turn("critic"), Turn("student", every=5)``)."""
+    (the two time-scale update rule of DMD2 is ``Turn("critic"), Turn("student", every=5)``). A method in stages
+    bounds its turns to steps ``start <= step < stop`` (``stop`` None: to the end), ``every`` counted from ``start``
+    (DisBack's recording turn stops where its critic and student turns start)."""
 
     name: str
     every: int = 1
+    start: int = 0
+    stop: int | None = None
+
+    def runs(self, step: int) -> bool:
+        """Whether the turn runs at ``step``."""
+        inside = self.start <= step and (self.stop is None or step < self.stop)
+        return inside and (step - self.start) % self.every == 0
 
 
 class Method(nn.Module):

@@ -23,16 +23,25 @@ into the target with its omega, kappa). ``z_t`` is built from real samples x (``
 A VP or flow teacher on MeanFlow's path, exactly: ``fewstep.core.flow_time.FlowTime`` (the flow time of process
 time s, the state scale and the velocity ``eps - x0``). The teacher covers flow times ``[FlowTime.lo, FlowTime.hi]``
 (the flow times of its t = 0 and 1; cosine VP: 0.006 .. 1 - 5e-5) and t is clamped into it; r needs no teacher and
-keeps [0, t]. The offset embedding sees ``t - r`` in flow time (what MeanFlow feeds its network), the backbone its own time s.
+keeps [0, t]. The offset embedding sees ``t - r`` in flow time (what MeanFlow feeds its network), the backbone its own
+time s.
 
-Sampling as data. On a t-list of teacher grid times s_k (t_k their flow times), step k is the DDIM (eta = 0) jump
-``x_{s_{k+1}} = alpha x0 + sigma eps`` with the (x0, eps) the student implies at (z_{t_k}, r = t_{k+1}), since
-``z_t - (t - r)(eps - x0) = (1 - r) x0 + r eps``. At a fixed (t, r) the offset embedding adds the constant
-``e(t - r)`` to the output of the backbone's ``TimestepEmbedding``, i.e. to its ``linear_2.bias``. So
-``MeanFlowStudent.plain()`` folds each step's ``e(t_k - t_{k+1})`` into a plain copy of the backbone, one expert per
-step (Phased DMD's per-step experts), sampled by ``FewStepScheduler(renoise="ddim")`` (one step: the stock
-LCM / FlowMatchLCM scheduler): plain diffusers, no extra module. An exported K-step student samples its K steps
-(``num_inference_steps=K``, the default); fewer steps would give an expert another r.
+Sampling and export. A K-step student samples its t-list (process times s_k, flow times t_k) with pairs
+(t_k, r_k = t_{k+1}), t_K = 0; any other step count n the teacher's trailing DDIM grid of n times (999, 499 for n = 2
+on 1000 VP steps). In process time step k is the DDIM (eta = 0) jump to ``x_{s_{k+1}} = alpha x0 + sigma eps`` with
+the (x0, eps) the student implies at (z_{t_k}, r_k), since ``z_t - (t - r)(eps - x0) = (1 - r) x0 + r eps``: the
+bundled ``FewStepScheduler(renoise="ddim")``. What r adds is the constant ``e(t_k - r_k)`` on the output of the
+backbone's ``TimestepEmbedding``. Two exports (``method.export``):
+
+- ``flow_map`` (the default): the backbone as a plain diffusers model, the offset embedding ``e`` as its own small
+  component (``fewstep_pipelines.flowmap_fewstep.FewStepTimeOffset``, in the scheduler's ``time_offset/``), and a
+  ``FewStepScheduler`` that records each step count's t-list and flow-time (t, r) pairs for n = 1 ..
+  ``method.export_steps`` and hooks ``e(t - r)`` onto the pipeline's backbone: one backbone, every step count
+  (the flow map is trained on every pair r < t, so every grid is in distribution);
+- ``folded``: each step's ``e(t_k - r_k)`` folded into ``linear_2.bias`` of its own plain copy of the backbone, one
+  expert per step (Phased DMD's per-step experts), sampled at its K trained steps only; no custom model code at all
+  (K = 1: the stock LCM / FlowMatchLCM scheduler), for runtimes that load plain diffusers models alone, at K copies
+  of the backbone.
 
 Paper facts used (arXiv 2505.13447, sections 3-4 and the Table 1 ablations; the stored copy of the paper served
 only its abstract, so these are as recalled from the paper and agree with the defaults of a public
@@ -42,8 +51,8 @@ by eq. 4.
 
 Config fields -> paper symbols: ``guidance_scale`` = the teacher's CFG w (1 = none); ``ratio`` = the fraction of
 r != t; ``time_sampler`` = the (t, r) distribution, ``time_mu`` / ``time_sigma`` = lognorm's (mu, sigma);
-``weight_p`` / ``weight_c`` = p, c of the adaptive weight. Full mode only (the folded export needs the student's own
-weights); no GAN head.
+``weight_p`` / ``weight_c`` = p, c of the adaptive weight; ``export`` / ``export_steps``: the export above and the
+largest step count the flow-map export samples. Full mode only; no GAN head.
 """
 from __future__ import annotations
 
@@ -60,12 +69,15 @@ from fewstep.core.flow_time import FlowTime, velocity_of
 from fewstep.core.generator import FewStepGenerator
 from fewstep.core.jvp import continuous, jvp_attention
 from fewstep.core.schedules import bcast
+from fewstep.core.timesteps import ddim_grid
 from fewstep.core.two_time import PREFIX, attach, embedding_of
 from fewstep.errors import ConfigError
 from fewstep.methods.base import Method, Parts, Turn, has_real_images, require
 
 SAMPLERS = ("logit_normal", "uniform")
-MAX_STEPS = 4       # one expert per step; the exported class pipeline holds at most four
+EXPORTS = ("flow_map", "folded")
+MAX_STEPS = 4       # the folded export: one expert per step, and the exported class pipeline holds at most four
+EXPORT_STEPS = 8    # the flow-map export samples every step count from 1 to this (or to K, if more)
 
 
 @dataclass
@@ -79,6 +91,8 @@ class MeanFlowConfig:
     time_sigma: float = 1.0
     weight_p: float = 1.0
     weight_c: float = 1e-3
+    export: str = "flow_map"
+    export_steps: int = EXPORT_STEPS
 
 
 def meanflow_loss(u: Tensor, v: Tensor, du_dt: Tensor, t: Tensor, r: Tensor, p: float, c: float):
@@ -101,55 +115,105 @@ def draw_times(u1: Tensor, u2: Tensor, coin: Tensor, cfg: MeanFlowConfig) -> tup
     return t, torch.where(coin < cfg.ratio, r, t)
 
 
+@dataclass
+class FlowMap:
+    """A flow-map export, as data: the offset embedding (``two_time.TimeOffsetEmbedding.config()``, the module path
+    it hooks, its float32 weights) and, for n = 1, 2, ..., the n-step timesteps and flow-time (t, r) pairs."""
+
+    time_embedding: str
+    offset_config: dict
+    offset_state: dict
+    timesteps: list
+    pairs: list
+
+
 class MeanFlowStudent(FewStepGenerator):
-    """The two-time student on its t-list: samples by eq. 4; ``plain()`` folds it into per-step plain experts."""
+    """The two-time student: samples by eq. 4 at any step count; ``flow_map()`` / ``plain()`` are its two exports
+    (``export_as``: which one ``fewstep.run.export`` writes, folded unless a method asks for the flow map;
+    ``export_steps``: the flow map's largest step count)."""
 
-    def __init__(self, denoiser: Denoiser, t_list, ft: FlowTime):
+    def __init__(self, denoiser: Denoiser, t_list, ft: FlowTime, export_as: str = "folded",
+                 export_steps: int = EXPORT_STEPS):
         super().__init__(denoiser, t_list, renoise="ddim" if len(t_list) > 1 else "fresh")
-        self.ft = ft
+        if export_as not in EXPORTS:
+            raise ValueError(f"export_as {export_as!r}: use one of {EXPORTS}")
+        self.ft, self.export_as, self.export_steps = ft, export_as, max(int(export_steps), self.K)
 
-    def pairs(self) -> tuple[Tensor, Tensor]:
-        """The flow times (t_k, r_k = t_{k+1}) of each step, t_K = 0, float64 (kept on the t-list's device)."""
-        t = self.ft.of(self.t_list.cpu()).to(self.t_list.device)
+    def times(self, steps: int | None = None) -> Tensor:
+        """The process times of an n-step sampler: the t-list for n = K (None), else the teacher's trailing DDIM
+        grid of n times."""
+        n = self.K if steps is None else int(steps)
+        if n < 1:
+            raise ValueError(f"a MeanFlow student samples 1 or more steps, not {steps}")
+        return self.t_list if n == self.K else ddim_grid(self.denoiser.schedule, n)[:-1].to(self.t_list.device)
+
+    def pairs(self, steps: int | None = None) -> tuple[Tensor, Tensor]:
+        """The flow times (t_k, r_k = t_{k+1}) of each of ``steps`` steps (default K), t_n = 0, float64 (kept on the
+        t-list's device)."""
+        s = self.times(steps)
+        t = self.ft.of(s.cpu()).to(s.device)
         return t, torch.cat([t[1:], t.new_zeros(1)])
 
     @torch.no_grad()
     def sample(self, noise: Tensor, cond: Cond, generator=None, steps: int | None = None) -> Tensor:
-        if steps not in (None, self.K):
-            raise ValueError(f"a MeanFlow student samples its {self.K} trained step(s) (each step is one (t, r) "
-                             f"pair of its t-list), not {steps}")
-        t, r = self.pairs()
+        t, r = self.pairs(steps)
         z = noise.double() / bcast(self.ft.scale(t[:1]), noise.double())      # the input noise is x_s at s_0
-        for k in range(self.K):
+        for k in range(len(t)):
             tk, rk = (v[k].expand(len(z)) for v in (t, r))
             z = z - bcast(tk - rk, z) * velocity_of(self.denoiser, self.ft, z, tk, cond, rk)
         return z.to(noise.dtype)
 
-    def plain(self) -> FewStepGenerator:
-        """The same sampler on plain diffusers backbones: step k's ``e(t_k - r_k)`` folded into the bias of the time
-        embedding's last linear layer of its own copy (the module docstring)."""
-        d = self.denoiser
-        model, embedding = d.backbone.model, embedding_of(d.backbone.model)
-        bias = f"{d.backbone.time_embedding}.linear_2.bias"
+    def merged(self) -> Denoiser:
+        """The denoiser whose weights the exports copy: the student's own (a LoRA subclass merges its adapter)."""
+        if isinstance(self.denoiser.adapter, str):
+            raise TypeError("a LoRA flow-map student exports a merged copy: override MeanFlowStudent.merged")
+        return self.denoiser
+
+    def _plain(self, d: Denoiser, bias_shift: Tensor | None = None) -> Denoiser:
+        """A plain diffusers copy of d's backbone without the offset embedding (``bias_shift`` added to the time
+        embedding's last bias), on d's device and in its dtype."""
+        model = d.backbone.model
         state = {k: v for k, v in model.state_dict().items() if not k.startswith(f"{PREFIX}.")}
+        if bias_shift is not None:
+            bias = f"{d.backbone.time_embedding}.linear_2.bias"
+            state[bias] = state[bias] + bias_shift.to(state[bias].dtype)
+        copy_ = type(model).from_config(model.config)
+        copy_.load_state_dict(state)
+        ref = model.get_submodule(d.backbone.time_embedding).linear_2.weight
+        return Denoiser(adapter_for(copy_.to(ref.device, ref.dtype).eval(), d.prediction_type), d.schedule)
+
+    def plain(self) -> FewStepGenerator:
+        """The folded export: step k's ``e(t_k - r_k)`` folded into the bias of the time embedding's last linear layer
+        of its own plain copy (the module docstring)."""
+        d = self.merged()
+        embedding = embedding_of(d.backbone.model)
         t, r = self.pairs()
-        experts = []
-        for k in range(self.K):
-            with torch.no_grad():
-                # t - r as ``offset`` forms it during sampling (float32 times, then the difference)
-                shift = embedding((t[k].float() - r[k].float()).reshape(1).to(state[bias].device))[0]
-            copy_ = type(model).from_config(model.config)
-            copy_.load_state_dict({**state, bias: state[bias] + shift.to(state[bias].dtype)})
-            copy_ = copy_.to(state[bias].device, state[bias].dtype).eval()
-            experts.append(Denoiser(adapter_for(copy_, d.prediction_type), d.schedule))
+        device = next(embedding.parameters()).device
+        with torch.no_grad():       # t - r as ``offset`` forms it during sampling (float32 times, then the difference)
+            shifts = [embedding((t[k].float() - r[k].float()).reshape(1).to(device))[0] for k in range(self.K)]
+        experts = [self._plain(d, shift) for shift in shifts]
         return FewStepGenerator(experts, self.t_list, renoise=self.renoise, phase_of_step=list(range(self.K)))
+
+    def flow_map(self) -> tuple[FewStepGenerator, FlowMap]:
+        """The flow-map export: one plain copy of the backbone (DDIM jumps on the t-list, as data) and the
+        ``FlowMap`` that makes it sample every step count 1 .. ``export_steps``."""
+        d = self.merged()
+        embedding = embedding_of(d.backbone.model)
+        state = {k: v.detach().float().cpu().clone() for k, v in embedding.state_dict().items()}
+        steps = range(1, self.export_steps + 1)
+        timesteps = [[int(v) if float(v).is_integer() else float(v)
+                      for v in d.schedule.timestep(self.times(n).cpu()).tolist()] for n in steps]
+        pairs = [[[float(a), float(b)] for a, b in zip(*self.pairs(n))] for n in steps]
+        spec = FlowMap(d.backbone.time_embedding, embedding.config(), state, timesteps, pairs)
+        return FewStepGenerator(self._plain(d), self.t_list, renoise="ddim"), spec
 
 
 def _check_foldable(backbone) -> None:
     module = backbone.model.get_submodule(backbone.time_embedding)
     if getattr(module, "post_act", None) is not None or module.linear_2.bias is None:
         raise ConfigError(f"{type(backbone.model).__name__}'s time embedding has no plain last bias to fold the "
-                          "MeanFlow offset into (post_act or bias=False); MeanFlow cannot export this backbone")
+                          "offset of t - r into (post_act or bias=False); export it as a flow map "
+                          "(method.export flow_map)")
 
 
 class MeanFlow(Method):
@@ -174,11 +238,14 @@ class MeanFlow(Method):
         require(cfg.time_sigma > 0, f"method.time_sigma {cfg.time_sigma} must be > 0 (lognorm's sigma)")
         require(cfg.weight_p >= 0, f"method.weight_p {cfg.weight_p} must be >= 0 (0 = plain l2)")
         require(cfg.weight_c > 0, f"method.weight_c {cfg.weight_c} must be > 0 (w = 1 / (||Delta||^2 + c)^p)")
-        require(model.mode == "full", "model.mode lora: a MeanFlow student folds its offset embedding into its own "
-                "time-embedding bias at export; set model.mode full")
+        require(cfg.export in EXPORTS, f"method.export {cfg.export!r} is not known; use {' or '.join(EXPORTS)}")
+        require(cfg.export_steps >= 1, f"method.export_steps {cfg.export_steps} must be at least 1")
+        require(model.mode == "full", "model.mode lora: a MeanFlow student exports copies of its own weights (the "
+                "backbone with its offset embedding); set model.mode full")
         require(not model.gan_head, "model.gan_head true: MeanFlow has no discriminator; set model.gan_head false")
-        require(1 <= len(model.student_timesteps) <= MAX_STEPS, f"model.student_timesteps "
-                f"{list(model.student_timesteps)}: MeanFlow exports one expert per step; use 1 to {MAX_STEPS} steps")
+        require(cfg.export != "folded" or 1 <= len(model.student_timesteps) <= MAX_STEPS, f"model.student_timesteps "
+                f"{list(model.student_timesteps)}: MeanFlow's folded export has one expert per step; use 1 to "
+                f"{MAX_STEPS} steps, or method.export flow_map")
         require(has_real_images(data), f"MeanFlow builds z_t from real samples and data.source {data.source!r} has "
                 "none; set data.images to a folder of real images (captions in <name>.txt), data.source images")
 
@@ -192,8 +259,9 @@ class MeanFlow(Method):
             raise ConfigError(f"model.student_timesteps starts at {first:g}: a MeanFlow student maps the noise at "
                               f"t = 1; start the list at {top:g}")
         attach(student.denoiser.backbone)
-        _check_foldable(student.denoiser.backbone)
-        self.student = MeanFlowStudent(student.denoiser, student.t_list, self.ft)
+        if cfg.export == "folded":
+            _check_foldable(student.denoiser.backbone)
+        self.student = MeanFlowStudent(student.denoiser, student.t_list, self.ft, cfg.export, cfg.export_steps)
 
     def trainable(self):
         return {"student": self.student.denoiser.trainable_parameters()}

@@ -239,6 +239,16 @@ class Parts:
                               "and its prompt source (data.source prompts or images)")
         return Cond.cat(*[self.source.cond(p) for p in prompts])
 
+    def adapter(self, name: str) -> Denoiser:
+        return _lora_role(self.loaded, name, self.model.lora_rank)
+
+    def prompts(self) -> list[str]:
+        prompts = getattr(self.source, "prompts", None)
+        if not prompts:
+            raise ConfigError("this method partitions the training prompts, which needs a text-to-image teacher and "
+                              "its prompt source (data.source prompts with data.prompts, or captioned images)")
+        return list(prompts)
+
 
 def make_method(cfg: RunConfig, teacher: Teacher, source=None) -> Method:
     """The method ``cfg.method_name`` built by its own ``build`` on networks made from ``teacher`` (and prompt

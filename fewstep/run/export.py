@@ -9,6 +9,7 @@ knows which method trained the student.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 from contextlib import nullcontext
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from fewstep_pipelines import FewStepClassPipeline
 from fewstep_pipelines.experts_fewstep import FewStepExperts
+from fewstep_pipelines.router_fewstep import FewStepRouter
 
 from fewstep.backbones import lora
 from fewstep.core.generator import FewStepGenerator
@@ -24,15 +26,18 @@ from fewstep.errors import ConfigError
 from fewstep.run.cards import model_card, t2i_model_card
 from fewstep.run.config import RunConfig
 from fewstep.run.folders import save_lora, save_pipeline_dir, save_student_pipeline
-from fewstep.run.schedulers import scheduler_for
+from fewstep.run.schedulers import flow_map_scheduler_for, scheduler_for
 
 # stock pipelines that hold two experts, and the component of the second (Wan 2.2: high / low noise)
 TWO_EXPERT_PIPELINES = {"WanPipeline": "transformer_2"}
 
 
-def scheduler(teacher, student: FewStepGenerator):
+def scheduler(teacher, student: FewStepGenerator, flow_map=None):
     """The scheduler that reproduces the student's sampler in the exported pipeline; the teacher's own for a student
-    that ``samples_as_teacher`` (a guidance-distilled teacher keeps the teacher's sampler and step count)."""
+    that ``samples_as_teacher`` (a guidance-distilled teacher keeps the teacher's sampler and step count); a
+    ``FewStepScheduler`` that carries ``flow_map`` (a flow-map student's offset embedding and (t, r) pairs)."""
+    if flow_map is not None:
+        return _exportable(lambda: flow_map_scheduler_for(student.sampling(), teacher.scheduler_config, flow_map))
     if getattr(student, "samples_as_teacher", False):
         import diffusers
 
@@ -42,15 +47,23 @@ def scheduler(teacher, student: FewStepGenerator):
             raise ConfigError(f"the teacher's scheduler {config.get('_class_name')!r} is not a diffusers scheduler "
                               "this export can write; use a teacher saved with a stock scheduler")
         return cls.from_config(config)
+    return _exportable(lambda: scheduler_for(student.sampling(), teacher.scheduler_config, teacher.pipeline_class))
+
+
+def _exportable(make):
     try:
-        return scheduler_for(student.sampling(), teacher.scheduler_config, teacher.pipeline_class)
+        return make()
     except ValueError as e:
         raise ConfigError(f"model.student_timesteps: the student cannot be exported ({e})") from None
 
 
 def check(teacher, student: FewStepGenerator) -> None:
-    """Fail before training when the student cannot be written as a loadable pipeline."""
-    scheduler(teacher, student)
+    """Fail before training when the student cannot be written as a loadable pipeline (a flow-map student: its
+    scheduler without the offset embedding, which training has yet to make)."""
+    if getattr(student, "export_as", None) == "flow_map":
+        _exportable(lambda: flow_map_scheduler_for(student.sampling(), teacher.scheduler_config))
+    else:
+        scheduler(teacher, student)
 
 
 def fused(denoiser, teacher, rank: int) -> torch.nn.Module:
@@ -69,21 +82,33 @@ def fused(denoiser, teacher, rank: int) -> torch.nn.Module:
 
 
 def plain_student(student: FewStepGenerator, ema):
-    """``(student, ema)`` to export: a student whose backbones are not plain diffusers models (MeanFlow's two-time
-    student) makes plain ones with its ``plain()``, under its EMA weights (the copies need no EMA afterwards);
-    every other student is exported as it is."""
-    if not callable(getattr(student, "plain", None)):
-        return student, ema
+    """``(student, ema, flow_map)`` to export. A student whose backbones are not plain diffusers models (a two-time
+    flow-map student) makes plain ones under its EMA weights (the copies need no EMA afterwards): with ``flow_map()``
+    when its ``export_as`` is "flow_map" (one plain backbone, and the offset embedding and (t, r) pairs the scheduler
+    carries), else with ``plain()`` (folded per-step experts). Every other student is exported as it is."""
+    how = getattr(student, "export_as", None) or ("plain" if callable(getattr(student, "plain", None)) else None)
+    if how is None:
+        return student, ema, None
     with ema.swapped() if ema is not None else nullcontext():
-        return student.plain(), None
+        if how == "flow_map":
+            plain, flow_map = student.flow_map()
+            return plain, None, flow_map
+        return student.plain(), None, None
 
 
 def student_backbones(student: FewStepGenerator, teacher, ema, rank: int) -> list[torch.nn.Module]:
     """The student's (EMA) weights as plain diffusers backbones in float32, one per expert."""
     with ema.swapped() if ema is not None else nullcontext():
-        models = [fused(d, teacher, rank) if isinstance(d.adapter, str) else copy.deepcopy(d.backbone.model)
-                  for d in student.experts]
+        models = [plain_backbone(d, teacher, rank) for d in student.experts]
     return [m.cpu().float().eval() for m in models]
+
+
+def plain_backbone(d, teacher, rank: int) -> torch.nn.Module:
+    """One denoiser's backbone as a plain model: LoRA roles fused; a denoiser that routes each sample to the student
+    owning its condition (MSD) as one ``FewStepRouter`` over its students' plain backbones and its rule."""
+    if callable(getattr(d, "routing", None)):
+        return FewStepRouter.of([plain_backbone(s, teacher, rank) for s in d.denoisers], **d.routing())
+    return fused(d, teacher, rank) if isinstance(d.adapter, str) else copy.deepcopy(d.backbone.model)
 
 
 def lora_weights(student: FewStepGenerator, ema) -> dict | None:
@@ -101,10 +126,11 @@ def lora_weights(student: FewStepGenerator, ema) -> dict | None:
 def export_student(cfg: RunConfig, teacher, student: FewStepGenerator, ema) -> Path:
     """Write the student (EMA weights) into the run folder as a diffusers pipeline with a model card."""
     out = Path(cfg.train.output_dir)
-    student, ema = plain_student(student, ema)
-    check(teacher, student)
+    student, ema, flow_map = plain_student(student, ema)
+    if flow_map is None:
+        check(teacher, student)
     models = student_backbones(student, teacher, ema, cfg.model.lora_rank)
-    sched = scheduler(teacher, student)
+    sched = scheduler(teacher, student, flow_map)
     tmp = out / ".export-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if teacher.pipe is None:
@@ -118,7 +144,9 @@ def export_student(cfg: RunConfig, teacher, student: FewStepGenerator, ema) -> P
     if callable(getattr(student, "model_card", None)):     # a student that is no few-step sampler describes itself
         (tmp / "README.md").write_text(student.model_card(cfg, teacher, tmp))
     # the run folder also reloads as a FewStepGenerator (FewStepGenerator.from_pretrained), without a preset
-    student.save_config(tmp, folders)
+    config = student.save_config(tmp, folders)
+    if flow_map is not None:
+        mark_flow_map(config, flow_map)
     for entry in tmp.iterdir():
         dest = out / entry.name
         if dest.is_dir():
@@ -126,6 +154,16 @@ def export_student(cfg: RunConfig, teacher, student: FewStepGenerator, ema) -> P
         os.replace(entry, dest)
     tmp.rmdir()
     return out
+
+
+def mark_flow_map(path: Path, flow_map) -> None:
+    """Name a flow-map export's sampler in its ``generator_config.json``: the plain backbone it lists is the student
+    at r = t only, and samples as the flow map with the (t, r) pairs and offset embedding of the scheduler folder."""
+    config = json.loads(path.read_text())
+    config["_class_name"] = "MeanFlowStudent"
+    config["flow_map"] = {"time_embedding": flow_map.time_embedding, "offset": "scheduler/time_offset",
+                          "timesteps": flow_map.timesteps, "pairs": flow_map.pairs}
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def boundaries(student: FewStepGenerator) -> list[float]:

@@ -12,6 +12,8 @@ copied in and ``model_index.json`` is pointed at them, the hub convention for cu
 diffusers resolves a component entry [module, class] to ``<component folder>/<module>.py`` when that
 file exists, and a list-valued ``_class_name`` to ``<module>.py`` beside model_index.json; both need
 ``trust_remote_code=True``. Folders are written to a temporary sibling and renamed into place.
+Text-to-image students with cross-attention also get ``nasa_fewstep.py`` beside ``model_index.json``: negative
+prompts for one-step sampling (NASA), which the user imports from the folder; diffusers never loads it.
 """
 from __future__ import annotations
 
@@ -22,11 +24,16 @@ import uuid
 from pathlib import Path
 
 import fewstep_pipelines
+from fewstep_pipelines.nasa_fewstep import cross_attention_layers
 
 HERE = Path(fewstep_pipelines.__file__).resolve().parent
 PIPELINE_FILE = "pipeline_fewstep.py"
 SCHEDULER_FILE = "scheduling_fewstep.py"
 EXPERTS_FILE = "experts_fewstep.py"
+ROUTER_FILE = "router_fewstep.py"
+NASA_FILE = "nasa_fewstep.py"     # negative prompts at inference, beside model_index.json
+# custom model components -> the file defining them, copied into the component's folder
+CUSTOM_MODELS = {"FewStepExperts": EXPERTS_FILE, "FewStepRouter": ROUTER_FILE}
 SKIP_SUFFIXES = (".msgpack", ".onnx", ".onnx_data", ".h5", ".ckpt")   # other frameworks' weights
 
 
@@ -63,7 +70,18 @@ def _make_self_contained(pipe, folder):
         if component is not None and _is_a(component, "FewStepScheduler"):
             shutil.copyfile(HERE / SCHEDULER_FILE, folder / name / SCHEDULER_FILE)
             index[name] = [Path(SCHEDULER_FILE).stem, "FewStepScheduler"]
+        elif component is not None:
+            _custom_model(component, folder / name, index, name)
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _custom_model(model, component_dir, index, name):
+    """A custom model component (phased students' expert switch, MSD's student router): copy its file into its
+    folder and point ``index[name]`` at it."""
+    for class_name, file in CUSTOM_MODELS.items():
+        if _is_a(model, class_name):
+            shutil.copyfile(HERE / file, component_dir / file)
+            index[name] = [Path(file).stem, class_name]
 
 
 def _move_into_place(tmp, out_dir):
@@ -123,9 +141,9 @@ def save_student_pipeline(teacher_dir, folder, models, scheduler, model_card=Non
     for name, model in models.items():
         model.save_pretrained(folder / name)
         index[name] = ["diffusers", type(model).__name__]
-        if _is_a(model, "FewStepExperts"):      # phased students: the expert switch is a custom component
-            shutil.copyfile(HERE / EXPERTS_FILE, folder / name / EXPERTS_FILE)
-            index[name] = [Path(EXPERTS_FILE).stem, "FewStepExperts"]
+        _custom_model(model, folder / name, index, name)
+    if any(cross_attention_layers(m) for m in models.values()):     # NASA needs cross-attention (not SD3/Flux)
+        shutil.copyfile(HERE / NASA_FILE, folder / NASA_FILE)
     scheduler.save_pretrained(folder / "scheduler")
     index["scheduler"] = ["diffusers", type(scheduler).__name__]
     if _is_a(scheduler, "FewStepScheduler"):

@@ -12,17 +12,20 @@ from fewstep.digits import DIGITS_T2I_NAME as TEACHER_NAME
 from fewstep.digits import DIGITS_T2I_TEACHER as TEACHER_DIR
 from fewstep.methods.consistency import ConsistencyConfig
 from fewstep.methods.decoupled_dmd import DecoupledDMDConfig, PhasedDecoupledDMDConfig
+from fewstep.methods.disback import DisBackConfig
 from fewstep.methods.dmd2 import DMD2Config
 from fewstep.methods.fdistill import FDistillConfig
 from fewstep.methods.guidance_lora import GuidanceLoRAConfig
 from fewstep.methods.kd import KDConfig
 from fewstep.methods.meanflow import MeanFlowConfig
+from fewstep.methods.msd import MSDConfig
 from fewstep.methods.phased_dmd import PhasedDMDConfig
 from fewstep.methods.rcm import RCMConfig
 from fewstep.methods.scm import SCMConfig
 from fewstep.methods.sfd import SFDConfig
 from fewstep.methods.sid import SiDConfig, sid_timesteps
 from fewstep.methods.swiftbrush import SwiftBrushConfig
+from fewstep.methods.twinflow import TwinFlowConfig
 from fewstep.run.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
 
 
@@ -655,6 +658,140 @@ def digits_rcm() -> RunConfig:
     return cfg
 
 
+def digits_disback() -> RunConfig:
+    """DisBack on the bundled digits teacher -> a one-step student: digits_dmd2's DMD2 settings (real-score
+    guidance 1, TTUR 5, GAN 3e-2, lr 1e-4) after a recording stage. Stage 1: 200 steps train the path adapter
+    (rank 32 on the UNet's attention projections, lr 1e-3) on the initial student's samples, a node every 50 steps
+    (4 nodes, 0.26 MB each); stage 2: 1000 steps (200 generator updates), the real score moving one node toward
+    the teacher every 20 generator updates and reaching it at update 60. Our choices: no digits recipe was
+    published, and none was tuned. Not run in full: from timed turns a recording step costs about half a DMD2 step,
+    so about 0.9 x digits_dmd2's training time (694 s), some 12.5 minutes with export and evaluation."""
+    cfg = digits_dmd2()
+    cfg.method_name = "disback"
+    cfg.method = DisBackConfig(**asdict(cfg.method), record_steps=200, snapshot_every=50, interval=20)
+    cfg.model.lora_rank = 32
+    cfg.train.max_steps, cfg.train.output_dir = 1200, "runs/disback_digits"
+    cfg.optim["record"] = OptimConfig(lr=1e-3)
+    return cfg
+
+
+def sdxl_disback() -> RunConfig:
+    """DisBack SDXL -> one step at t = 399, the official recipe as the reference notes give it: built on DMD2
+    (real CFG 8, GAN 5e-3 on the critic's bottleneck, fake-score update ratio 5, lr 5e-7, t_max 0.98), 25k
+    recording iterations, the target switched every 1000 iterations (200 generator updates at ratio 5). From
+    sdxl_dmd2_4step: the discriminator's GAN weight 1e-2, 500 warm-up steps, batch 2 per GPU, bf16. Ours: the path
+    adapter's rank 16 (on the attention projections, 93 MB a node) and lr 5e-5 (DMD2's SDXL LoRA lr). Where it
+    differs: the official run starts from DMD2's 24k-iteration one-step SDXL checkpoint (fewstep starts the student
+    from the teacher, so G_0 is the teacher's one-step output); and it records a node every 100 iterations (250
+    nodes), which at one node per 1000 iterations would take 250k backtracking iterations: here a node every 1000
+    (25 nodes), the teacher reached after 24k iterations of stage 2 and kept for 1k more."""
+    return RunConfig(
+        method_name="disback",
+        method=DisBackConfig(guidance_scale=8.0, student_every=5, t_max=0.98, gan_weight_student=5e-3,
+                             gan_weight_critic=1e-2, record_steps=25_000, snapshot_every=1000, interval=200),
+        model=ModelConfig(teacher="stabilityai/stable-diffusion-xl-base-1.0", student_timesteps=(399,),
+                          teacher_dtype="bfloat16", gan_head=True, lora_rank=16),
+        data=DataConfig(source="prompts", batch_size=2, prompts="data/prompts.txt", images="data/images"),
+        train=TrainConfig(output_dir="runs/sdxl_disback", max_steps=50_000, ema_decay=0.0, mixed_precision="bf16",
+                          sample_every=1000, checkpoint_every=1000),
+        optim={"student": OptimConfig(lr=5e-7, warmup_steps=500), "critic": OptimConfig(lr=5e-7, warmup_steps=500),
+               "record": OptimConfig(lr=5e-5, warmup_steps=500)},
+    )
+
+
+def digits_msd() -> RunConfig:
+    """MSD (arXiv 2410.23274) on the bundled digits teacher -> two one-step students, digits 0-4 and 5-9, each a
+    DMD2 student with its own critic and discriminator head. Every other setting is digits_dmd2's (real-score
+    guidance 1.0, GAN 3e-2 on both sides, TTUR 5, batch 32, lr 1e-4, EMA 0.99), so the two students share each
+    batch: each sees about 16 samples per step (benchmarks/msd_vs_single.py compares it with one student at the
+    same steps). 900 steps (180 generator updates), not 1200, keep it within 15 minutes on this CPU: timed on one
+    thread, a step costs 0.98-1.13 s against digits_dmd2's 0.87 (two optimizers' worth of parameters per turn),
+    so about 0.7 s on two threads (digits_dmd2: 0.58), 11 minutes of training plus 2 of evaluation. The quality
+    reached is not measured yet (no full run was made)."""
+    cfg = digits_dmd2()
+    cfg.method_name = "msd"
+    cfg.method = MSDConfig(**asdict(cfg.method), students=2, routing="classes", class_groups="0-4|5-9")
+    cfg.train.output_dir, cfg.train.max_steps = "runs/msd_digits", 900
+    return cfg
+
+
+def sd15_msd() -> RunConfig:
+    """MSD SD1.5 -> four one-step students, the prompts shared out by K-means of their embeddings (arXiv
+    2410.23274: 4 same-size students, zero-shot COCO-2014 FID 8.20). Each pair runs sd15_dmd2's recipe, DMD2's
+    no-GAN SD1.5 stage (lr 1e-5, TTUR 10, real CFG 1.75, 40k iterations); four micro-batches of 32 per update give
+    each student about DMD2's 32 samples per process and step. The paper's adversarial stage resumes the run
+    with --model.gan_head true --method.gan_weight_student 1e-3 and real images (--data.images), as DMD2's.
+    Full mode holds four students and four critics beside the teacher (shard them with train/accelerate/fsdp.yaml);
+    --model.mode lora keeps one base with eight adapters. The paper's own hyperparameters were not verified."""
+    cfg = sd15_dmd2()
+    cfg.method_name = "msd"
+    cfg.method = MSDConfig(**asdict(cfg.method), students=4, routing="prompts")
+    cfg.train.output_dir, cfg.train.grad_accum = "runs/sd15_msd", 4
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------ TwinFlow
+def digits_twinflow() -> RunConfig:
+    """TwinFlow (Cheng et al., arXiv 2512.05150) from the bundled digits teacher -> a one-step student: the paper's
+    four groups (a quarter each), RCGM order 2, EMA target 0.99, Barron loss, rectification weight 0.5. No training-
+    time CFG (gamma 0): the teacher's best digits setting is unguided (DDPM 100 steps, CFG 1). AdamW (0.9, 0.99)
+    without weight decay and grad clip 1 (the paper's), lr 1e-4 (digits_meanflow's), 1000 steps of 32, EMA 0.99 for
+    the export. Sized from a few timed steps on this CPU (1 thread, shared): a step costs about a digits_dmd2 step
+    (0.97x), whose 1200-step job takes 13.9 min, so ~11 min. Not tuned: no full run was made; on the exact toy
+    teacher (tests/test_twinflow.py) the paper's rectification weight 0.5 kept a collapsed one-step output collapsed
+    for hundreds of steps where 0.1 converged: try --method.rect_weight 0.1 if this run stays blurry."""
+    return RunConfig(
+        method_name="twinflow",
+        method=TwinFlowConfig(guidance_gamma=0.0, ema_decay=0.99, estimate_order=2),
+        model=ModelConfig(student_timesteps=(999,), gan_head=False),
+        data=DataConfig(source="digits", batch_size=32),
+        train=TrainConfig(output_dir="runs/twinflow_digits", max_steps=1000, ema_decay=0.99, max_grad_norm=1.0,
+                          sample_every=250, checkpoint_every=250),
+        optim={"student": OptimConfig(lr=1e-4, beta2=0.99, weight_decay=0.0)},
+    )
+
+
+def digits_twinflow_2step() -> RunConfig:
+    """TwinFlow, 2 steps on [999, 499]: x_r = x_t - (t - r) F(x_t, t, r) at the flow times of those two teacher
+    timesteps, then to 0 (the paper's any-step sampler on this t-list); training does not depend on the steps."""
+    cfg = digits_twinflow()
+    cfg.model.student_timesteps = (999, 499)
+    cfg.train.output_dir = "runs/twinflow_digits_2step"
+    return cfg
+
+
+def sd35_twinflow() -> RunConfig:
+    """TwinFlow SD3.5-Medium, full parameters -> one step (the official SD3.5 full recipe, as the project's method
+    notes summarise its config: lr 1e-5, batch 16 per GPU, training-time CFG gamma 0.8,
+    EMA target 0.99, RCGM order 2, AdamW (0.9, 0.99), grad clip 1). Real images with captions (data.images) give x.
+    Ours: no weight decay, 10k steps, bf16 teacher and mixed precision, no export EMA (the method's EMA target is
+    already a second copy); the flow-map export samples every step count 1-8 (the paper recommends 2-4 NFE)."""
+    return RunConfig(
+        method_name="twinflow",
+        method=TwinFlowConfig(guidance_gamma=0.8, ema_decay=0.99, estimate_order=2),
+        model=ModelConfig(teacher="stabilityai/stable-diffusion-3.5-medium", student_timesteps=(1000,),
+                          teacher_dtype="bfloat16", gan_head=False),
+        data=DataConfig(source="images", batch_size=16, prompts="data/prompts.txt", images="data/images"),
+        train=TrainConfig(output_dir="runs/sd35_twinflow", max_steps=10_000, ema_decay=0.0, max_grad_norm=1.0,
+                          mixed_precision="bf16", sample_every=500, checkpoint_every=1000),
+        optim={"student": OptimConfig(lr=1e-5, beta2=0.99, weight_decay=0.0)},
+    )
+
+
+def sd35_twinflow_lora() -> RunConfig:
+    """TwinFlow SD3.5-Medium, LoRA rank 64 on the one frozen base (plus the two-time and fake-time embeddings): the
+    official LoRA recipe as the same notes give it for Qwen-Image (lr 1e-4, batch 4, gamma 4.0, EMA 1.0 = the frozen base,
+    here the base with the adapter off, gives the guided target; RCGM order 1); its SD3.5 LoRA configs could not be
+    read.
+    Otherwise sd35_twinflow's."""
+    cfg = sd35_twinflow()
+    cfg.method = TwinFlowConfig(guidance_gamma=4.0, ema_decay=1.0, estimate_order=1)
+    cfg.model.mode, cfg.model.lora_rank = "lora", 64
+    cfg.data.batch_size, cfg.train.output_dir = 4, "runs/sd35_twinflow_lora"
+    cfg.optim = {"student": OptimConfig(lr=1e-4, beta2=0.99, weight_decay=0.0)}
+    return cfg
+
+
 PRESETS = {
     "dmd2": {"digits_dmd2": digits_dmd2,
              "digits_dmd2_2step": with_steps(digits_dmd2, (999, 499), "runs/dmd2_digits_2step"),
@@ -686,7 +823,11 @@ PRESETS = {
     "meanflow": {"digits_meanflow": digits_meanflow, "digits_meanflow_2step": digits_meanflow_2step},
     "scm": {"digits_scm": digits_scm, "digits_scm_2step": digits_scm_2step},
     "rcm": {"digits_rcm": digits_rcm},
+    "msd": {"digits_msd": digits_msd, "sd15_msd": sd15_msd},
     "guidance_lora": {"digits_guidance_lora": digits_guidance_lora, "sd15_guidance_lora": sd15_guidance_lora},
+    "disback": {"digits_disback": digits_disback, "sdxl_disback": sdxl_disback},
+    "twinflow": {"digits_twinflow": digits_twinflow, "digits_twinflow_2step": digits_twinflow_2step,
+                 "sd35_twinflow": sd35_twinflow, "sd35_twinflow_lora": sd35_twinflow_lora},
 }
 
 

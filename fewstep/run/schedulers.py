@@ -3,6 +3,7 @@
 Stock schedulers where their default schedule is the student's t-list and their step is fewstep's (x0, then
 fresh noise, or LCM's boundary scalings): ``LCMScheduler`` (VP), ``FlowMatchLCMScheduler`` (flow); otherwise
 the bundled ``FewStepScheduler`` (explicit t-list, input scaling, DDIM jumps), copied into the exported folder.
+A flow-map student always takes ``FewStepScheduler``: no stock scheduler can tell the backbone the target time r.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import inspect
 
 import numpy as np
 from fewstep_pipelines import FewStepScheduler
+from fewstep_pipelines.flowmap_fewstep import FewStepTimeOffset
 
 from fewstep.core.generator import Sampling
 
@@ -151,4 +153,19 @@ def scheduler_for(spec: Sampling, teacher_scheduler_config, pipeline_class: str 
     if pipeline_class == "IFPipeline" and "variance_type" in config:
         # IFPipeline reads its UNet's output layout (prediction only, or + variance) from the scheduler config
         sched.register_to_config(variance_type=config["variance_type"])
+    return sched
+
+
+def flow_map_scheduler_for(spec: Sampling, teacher_scheduler_config, flow_map=None):
+    """A flow-map student's ``FewStepScheduler``: DDIM jumps on its t-list and, from ``flow_map`` (a
+    ``meanflow.FlowMap``), each step count's t-list and flow-time (t, r) pairs and the offset embedding it hooks onto
+    the pipeline's backbone (``FewStepTimeOffset``); without ``flow_map``, the scheduler alone (a check)."""
+    base = fewstep_scheduler_for(teacher_scheduler_config, list(spec.timesteps), spec.init_scale)
+    if flow_map is None:
+        return FewStepScheduler.from_config(base.config, renoise="ddim")
+    sched = FewStepScheduler.from_config(base.config, renoise="ddim", flow_map_timesteps=flow_map.timesteps,
+                                         flow_map_pairs=flow_map.pairs)
+    offset = FewStepTimeOffset(**flow_map.offset_config, time_embedding=flow_map.time_embedding)
+    offset.load_state_dict(flow_map.offset_state)
+    sched.time_offset = offset.eval()
     return sched

@@ -225,7 +225,7 @@ def train(cfg, method, data, accelerator, on_sample=None) -> dict:
     with _stop_requests() as stop, _closing(bar, trace_file):
         while step < t.max_steps:
             for ti, turn in enumerate(method.turns):
-                if step % turn.every:
+                if not turn.runs(step):
                     continue
                 logs, stepped = turns.run(turn, ti, step, data, nonfinite, ckpt_dir)
                 updates[turn.name] += stepped
