@@ -103,3 +103,15 @@ def test_the_check_catches_a_method_that_imports_the_wiring_layer(tmp_path):
 @pytest.mark.parametrize("layer", sorted(k for k in ALLOWED if k))
 def test_every_layer_is_a_package(layer):
     assert (PKG / layer / "__init__.py").is_file() or (PKG / f"{layer}.py").is_file()
+
+
+def test_the_command_line_imports_no_peft_or_transformers():
+    """Every ``train/<method>.py`` run, ``--help`` and every refused input included, imports the CLI first; peft
+    and transformers take ~6 s to import here, so a method that needs them imports them where it uses them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fewstep.run.cli; heavy = [m for m in ('peft', 'transformers') if m in sys.modules]; "
+            "print(heavy); sys.exit(bool(heavy))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, f"imported at CLI start-up: {r.stdout.strip()} {r.stderr[-500:]}"

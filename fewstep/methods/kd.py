@@ -51,7 +51,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 
 from fewstep.core import losses
 from fewstep.core.conditioning import Batch, Cond
@@ -232,6 +231,8 @@ class KD(Method):
         if world > 1:
             dist.barrier()      # all have looked before any writes: each finds the same shards missing
         missing = [c for c in range(n) if shards[c] is None]
+        from torch.distributed.tensor import DTensor  # here, not at import: it takes a second to import
+
         sharded = any(isinstance(p, DTensor) for p in self.teacher.parameters())
         mine = missing if sharded else missing[rank::world]
         if missing and rank == 0:

@@ -70,7 +70,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor
 
 from fewstep.core.adapter import adapter_for
@@ -173,6 +172,8 @@ class TwinFlowStudent(MeanFlowStudent):
         d = self.denoiser
         if not isinstance(d.adapter, str):
             return d
+        from peft.tuners.tuners_utils import BaseTunerLayer  # here, not at import: peft takes seconds to import
+
         model = copy.deepcopy(d.backbone.model).float()
         for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]:
             layer.merge(adapter_names=[d.adapter])
