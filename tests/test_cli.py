@@ -122,7 +122,10 @@ def test_four_step_run_exports_a_pipeline_that_matches_without_fewstep(tiny_teac
         torch.testing.assert_close(iso[steps], student_samples(out, steps), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(tiny_teacher_dir, tmp_path):
+    """slow: the default suite's test_reliability.py::test_faults_in_turn_end_with_the_uninterrupted_weights kills
+    a run with SIGKILL too, among its other faults, and compares its final weights bit for bit."""
     common = ["--model.teacher", str(tiny_teacher_dir), "--train.max_steps", "12", "--train.checkpoint_every", "2",
               "--train.evaluate", "false", "--data.batch_size", "4", "--train.sample_every", "1000"]
     ref = tmp_path / "straight"
