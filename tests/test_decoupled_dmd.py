@@ -307,3 +307,12 @@ def test_two_steps_and_export_reload_in_stock_diffusers(family, preset, extra, w
     assert tuple(x.shape) == (2, 3, 32, 32) and torch.isfinite(x).all()
     student = FewStepGenerator.from_pretrained(out)
     assert student.K == 4 and student.P == (2 if "phased" in preset else 1)
+
+
+def test_every_decoupled_preset_guides_its_real_score():
+    """CA = (alpha - 1)(s_T^c - s_T^u) vanishes at alpha = 1, and the method is DMD2 there: a preset derived from a
+    DMD2 preset that dropped its guidance to 1 (digits_dmd2 did) must keep a guidance of its own."""
+    from fewstep.run.presets import PRESETS
+
+    for name, make in PRESETS["decoupled_dmd"].items():
+        assert make().method.guidance_scale > 1, name
