@@ -1,0 +1,113 @@
+"""Quality against the number of sampling steps for exported flow-map students (MeanFlow, TwinFlow) on digits.
+
+    python benchmarks/flowmap_steps.py runs/meanflow_digits runs/twinflow_digits --out docs/benchmarks/flowmap_steps
+
+A flow-map export (``--method.export flow_map``, the default of both methods) samples every step count from 1 to its
+``export_steps`` with one backbone: its scheduler records the (t, r) pairs of each count. Each folder is scored at
+every such count (``--steps``, default 1..8) with the bundled digits nets: class accuracy and FD-digits (mean over
+``--seeds``), and the FD ratio to the teacher at its best (``fewstep.digits.teacher_grid``, read from its cache at
+``--samples``; without a cached grid at that count the ratio is left out). Writes ``flowmap_steps.json``,
+``flowmap_steps.md`` and ``flowmap_steps.png`` (FD-digits and accuracy against steps, one line per student) into
+``--out``. FD-digits is a Frechet distance in the digits net's feature space, not FID.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def step_counts(folder: Path) -> int:
+    """How many step counts a flow-map export samples (0 for any other folder)."""
+    cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    return len(cfg.get("flow_map_timesteps") or [])
+
+
+def reference(n: int) -> float | None:
+    """The teacher's best FD-digits at ``n`` samples from its cached grid, or None."""
+    from fewstep.digits import DIGITS_TEACHER
+    from fewstep.digits.teacher_grid import teacher_best
+
+    try:
+        return teacher_best(DIGITS_TEACHER, n, compute=False)["best"]["fd_digits"]
+    except LookupError:
+        return None
+
+
+def measure(folder: Path, steps: list[int], n: int, seeds: tuple[int, ...], ref: float | None) -> list[dict]:
+    from fewstep.digits import scoring
+
+    pipe, rows = scoring.load_pipeline(folder), []
+    for k in steps:
+        s = scoring.score(pipe, n, seeds, steps=k)
+        rows.append({"student": folder.name, "steps": k, "accuracy": s["accuracy"], "fd_digits": s["fd_digits"],
+                     "fd_digits_std": s["fd_digits_std"], "fd_ratio": s["fd_digits"] / ref if ref else None})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in dict.fromkeys(r["student"] for r in rows):
+        mine = [r for r in rows if r["student"] == name]
+        a.errorbar([r["steps"] for r in mine], [r["fd_digits"] for r in mine],
+                   yerr=[r["fd_digits_std"] for r in mine], marker="o", label=name)
+        b.plot([r["steps"] for r in mine], [r["accuracy"] for r in mine], marker="o", label=name)
+    a.set(xlabel="sampling steps", ylabel="FD-digits (lower is better)", title="FD-digits vs steps")
+    b.set(xlabel="sampling steps", ylabel="class accuracy", title="accuracy vs steps")
+    a.legend()
+    fig.tight_layout()
+    fig.savefig(out / "flowmap_steps.png", dpi=120)
+
+
+def table(rows: list[dict], n: int, seeds, ref) -> str:
+    head = (f"FD-digits and class accuracy of each flow-map export at every step count ({n} samples x seeds "
+            f"{list(seeds)}); FD ratio to the teacher at its best (FD-digits {ref:.2f})." if ref else
+            f"({n} samples x seeds {list(seeds)}; no cached teacher grid at this sample count: no ratio.)")
+    lines = [head, "", "| student | steps | accuracy | FD-digits | FD ratio |", "|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['fd_ratio']:.2f}" if r["fd_ratio"] else "–"
+        spread = f" ± {r['fd_digits_std']:.1f}" if len(seeds) > 1 else ""     # no spread from one seed
+        lines.append(f"| {r['student']} | {r['steps']} | {r['accuracy']:.3f} | {r['fd_digits']:.1f}{spread} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folders", nargs="+", type=Path, help="exported flow-map student folders (run folders)")
+    p.add_argument("--out", type=Path, default=Path("reports/flowmap_steps"))
+    p.add_argument("--steps", default="1-8", help="step counts, e.g. 1-8 or 1,2,4")
+    p.add_argument("--samples", type=int, default=2000)
+    p.add_argument("--seeds", default="0,1,2")
+    args = p.parse_args(argv)
+    lo, _, hi = args.steps.partition("-")
+    wanted = list(range(int(lo), int(hi) + 1)) if hi else [int(v) for v in args.steps.split(",")]
+    seeds = tuple(int(v) for v in args.seeds.split(","))
+    for f in args.folders:
+        if not (f / "scheduler" / "scheduler_config.json").is_file() or step_counts(f) == 0:
+            print(f"error: {f} is not a flow-map export (its scheduler records no flow_map_timesteps); export with "
+                  "--method.export flow_map", file=sys.stderr)
+            return 2
+    ref, rows = reference(args.samples), []
+    for f in args.folders:
+        rows += measure(f, [k for k in wanted if k <= step_counts(f)], args.samples, seeds, ref)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "flowmap_steps.json").write_text(json.dumps(rows, indent=2))
+    (args.out / "flowmap_steps.md").write_text(table(rows, args.samples, seeds, ref))
+    plot(rows, args.out)
+    print(table(rows, args.samples, seeds, ref))
+    print(f"wrote {args.out / 'flowmap_steps.md'}, .json and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
