@@ -92,10 +92,14 @@ def extract_features(images: torch.Tensor, net: DigitsNet | None = None) -> torc
     return _apply(net if net is not None else load_digits_net(), images, "features")
 
 
+def predicted_classes(images: torch.Tensor, net: DigitsNet | None = None) -> torch.Tensor:
+    """The classifier's class `[N]` for images `[N, 1, H, W]` in [-1, 1]."""
+    return _apply(net if net is not None else load_digits_net(), images, "forward").argmax(1)
+
+
 def class_accuracy(images: torch.Tensor, labels: torch.Tensor, net: DigitsNet | None = None) -> float:
     """Fraction of images that the classifier assigns to their intended label."""
-    logits = _apply(net if net is not None else load_digits_net(), images, "forward")
-    return (logits.argmax(1) == labels.cpu()).float().mean().item()
+    return (predicted_classes(images, net) == labels.cpu()).float().mean().item()
 
 
 def feature_stats(feats) -> tuple[np.ndarray, np.ndarray]:
