@@ -583,7 +583,8 @@ def digits_meanflow() -> RunConfig:
 
 def digits_meanflow_2step() -> RunConfig:
     """MeanFlow, 2 steps on [999, 499]: z_r = z_t - (t - r) u(z_t, r, t) at the flow times of those two teacher
-    timesteps, then to 0 (the paper's two-step sampler on this t-list); exported as one folded expert per step."""
+    timesteps, then to 0 (the paper's two-step sampler on this t-list); exported as a flow map like every MeanFlow
+    student (any step count 1-8; --method.export folded for one stock expert per step)."""
     cfg = digits_meanflow()
     cfg.model.student_timesteps = (999, 499)
     cfg.train.output_dir = "runs/meanflow_digits_2step"
