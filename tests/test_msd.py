@@ -26,7 +26,6 @@ from fewstep.digits.data import NUM_CLASSES
 from fewstep.errors import ConfigError
 from fewstep.methods.dmd2 import DMD2, DMD2Config
 from fewstep.methods.msd import DIGIT_CLASSES, MSD, MSDConfig, Route, class_groups, kmeans, nearest
-from fewstep.methods.sfd import subset
 from fewstep.run import build, cli, export
 from fewstep.run import config as C
 from fewstep.run.config import OptimConfig, RunConfig, TrainConfig
@@ -95,7 +94,7 @@ def test_each_pair_sees_only_its_samples_and_gets_dmd2s_gradient_on_them():
         _, _, logs = grads(m, turn, batch, 5)
         for k, pair in enumerate(m.pairs):
             members = torch.tensor([i for i, c in enumerate(labels) if HALVES[c] == k])
-            _, want, _ = grads(pair, turn, subset(batch, members), 5)     # pair k alone on its samples: DMD2
+            _, want, _ = grads(pair, turn, batch.subset(members), 5)     # pair k alone on its samples: DMD2
             mine = {id(p) for p in pair.trainable()[turn]}
             got = [p.grad for p in m.trainable()[turn] if id(p) in mine]
             assert all(torch.equal(a, b) for a, b in zip(got, want)), (turn, k)

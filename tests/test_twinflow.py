@@ -14,11 +14,10 @@ import itertools
 import math
 from contextlib import nullcontext
 
-import diffusers
 import pytest
 import torch
 from diffusers.models.embeddings import TimestepEmbedding
-from test_meanflow import SmoothFlowNet, reloaded_flow_map
+from test_meanflow import SmoothFlowNet, assert_flow_map_export_equals_sampler
 from tiny_models import captioned_images
 
 from fewstep.backbones import register_adapter
@@ -287,14 +286,7 @@ def test_the_entry_point_trains_and_exports(tiny_teacher_dir, tmp_path):
         AcceleratorState._reset_state(reset_partial_state=True)
         out = cli.main("twinflow", argv=[*argv, *extra, "--train.output_dir", str(tmp_path / name)])
         assert list(out.glob("**/*.png"))       # the training-time sample grid
-        pipe = diffusers.DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
-        pipe.set_progress_bar_config(disable=True)
-        student = reloaded_flow_map(out)
-        for steps in (1, 2, 3):
-            img = pipe([1, 2], num_inference_steps=steps, generator=torch.Generator().manual_seed(3), output_type="pt")
-            x = student.sample(torch.randn((2, 1, 8, 8), generator=torch.Generator().manual_seed(3)),
-                               Cond(labels=torch.tensor([1, 2])), steps=steps)
-            torch.testing.assert_close(img.images, ((x.clamp(-1, 1) + 1) / 2).float(), atol=1e-5, rtol=0)
+        assert_flow_map_export_equals_sampler(out)
 
 
 def test_a_lora_students_merged_export_samples_as_the_lora_student(tiny_teacher_dir, tmp_path):

@@ -89,6 +89,15 @@ class Batch:
     def __len__(self) -> int:
         return len(self.noise)
 
+    def subset(self, members: Tensor) -> Batch:
+        """The samples ``members`` of this batch, each with its own seed (so its noise, t and eps are unchanged)."""
+        def take(x):
+            return None if x is None else x[members.to(x.device)]
+
+        return replace(self, noise=take(self.noise), cond=self.cond[members], uncond=self.uncond[members],
+                       x0_real=take(self.x0_real), cond_real=None if self.cond_real is None else self.cond_real[members],
+                       seeds=take(self.seeds))
+
     def _gens(self, salt: int):
         if self.seeds is None:
             raise ValueError("this Batch has no per-sample seeds; build it with seeds=... (see fewstep.data)")

@@ -48,7 +48,6 @@ from fewstep.core.timesteps import from_timesteps
 from fewstep.errors import ConfigError
 from fewstep.methods.base import Method, Parts, require
 from fewstep.methods.dmd2 import DMD2, DMD2Config
-from fewstep.methods.sfd import subset
 
 #: data.source digits draws the ten digit classes 0..9 (fewstep.digits.data.NUM_CLASSES; a test keeps them equal)
 DIGIT_CLASSES = 10
@@ -285,7 +284,7 @@ class MSD(Method):
                 if not _several_ranks():
                     continue       # no sample, no gradient: the pair is left as it is
                 members, weight = members.new_zeros(1), 0.0
-            loss, pair_logs = pair(turn, batch if len(members) == len(batch) else subset(batch, members), step)
+            loss, pair_logs = pair(turn, batch if len(members) == len(batch) else batch.subset(members), step)
             loss = loss if weight == 1.0 else weight * loss
             total = loss if total is None else total + loss
             logs.update({f"pair_{k}/{name}": v for name, v in pair_logs.items()})

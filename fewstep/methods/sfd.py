@@ -141,16 +141,6 @@ class OverrideTeacher(nn.Module):
         return self.inner(x_t, t, cond, out, dtype)
 
 
-def subset(batch: Batch, members: Tensor) -> Batch:
-    """The samples ``members`` of ``batch``, each with its own seed (so its noise, t and eps are unchanged)."""
-    def take(x):
-        return None if x is None else x[members.to(x.device)]
-
-    return replace(batch, noise=take(batch.noise), cond=batch.cond[members], uncond=batch.uncond[members],
-                   x0_real=take(batch.x0_real), cond_real=None if batch.cond_real is None else batch.cond_real[members],
-                   seeds=take(batch.seeds))
-
-
 def _ranks_in_step() -> bool:
     """Whether several processes run this step: then every rank runs both parts (FSDP gathers parameters per
     backbone call, so all ranks must make the same calls), an empty part as one sample weighted 0."""
@@ -265,7 +255,7 @@ class SFD(SiD):
                 if not _ranks_in_step():
                     continue
                 members, weight = members.new_zeros(1), 0.0
-            sub = batch if len(members) == len(batch) else subset(batch, members)
+            sub = batch if len(members) == len(batch) else batch.subset(members)
             with self.forget_times(step) if part == "forget" else nullcontext():
                 loss, part_logs = super().forward(turn, sub, step)
             total = weight * share * loss if total is None else total + weight * share * loss
