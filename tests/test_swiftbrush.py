@@ -190,6 +190,7 @@ def test_each_turn_touches_only_its_parameters(mode, tiny_teacher_dir, tmp_path)
     method = build.make_method(cfg, teacher)
     base = {k: v.clone() for k, v in teacher.denoiser.backbone.model.state_dict().items() if "lora_" not in k}
     assert [t.name for t in method.turns] == ["student", "critic"]
+    assert all(t.runs(s) for t in method.turns for s in range(4))    # SwiftBrush's alternation by default
     params = method.trainable()
     owner = {id(p): name for name, ps in params.items() for p in ps}
     assert len(owner) == sum(len(ps) for ps in params.values())      # student and critic share no parameter
@@ -209,6 +210,16 @@ def test_each_turn_touches_only_its_parameters(mode, tiny_teacher_dir, tmp_path)
                     p.add_(1e-2 * torch.randn_like(p))                   # an update, as the optimiser would
     after = teacher.denoiser.backbone.model.state_dict()
     assert all(torch.equal(base[k], after[k]) for k in base)           # the frozen base never moves
+
+
+def test_student_every_gives_the_critic_a_lead(tiny_teacher_dir, tmp_path):
+    """``student_every`` 3: the student turn runs on steps 0, 3, 6, the critic on every step (DMD2's TTUR)."""
+    cfg = RunConfig(method_name="swiftbrush", method=SwiftBrushConfig(student_every=3),
+                    model=ModelConfig(teacher=str(tiny_teacher_dir), gan_head=False),
+                    train=TrainConfig(output_dir=str(tmp_path)))
+    method = build.make_method(cfg, build.load_teacher(cfg.model))
+    runs = {t.name: [s for s in range(7) if t.runs(s)] for t in method.turns}
+    assert runs == {"student": [0, 3, 6], "critic": list(range(7))}
 
 
 # ------------------------------------------------------------------------------------------ exact toy teacher
@@ -262,7 +273,8 @@ BAD = [(["--method.guidance_min", "3", "--method.guidance_max", "2"], "need 0 <=
        (["--model.student_timesteps", "999,499"], "SwiftBrush trains a one-step student"),
        (["--model.gan_head", "true"], "SwiftBrush is image-free and has no discriminator"),
        (["--method.cond_dropout", "1.5"], "method.cond_dropout 1.5 must be in [0, 1]"),
-       (["--method.critic_t_max", "1.2"], "need 0 <= critic_t_min <= critic_t_max <= 1")]
+       (["--method.critic_t_max", "1.2"], "need 0 <= critic_t_min <= critic_t_max <= 1"),
+       (["--method.student_every", "0"], "method.student_every 0 must be >= 1")]
 
 
 @pytest.mark.parametrize("args,needle", BAD, ids=[" ".join(a) for a, _ in BAD])

@@ -31,7 +31,9 @@ on the attention projections (SwiftBrush: rank 64, alpha 108 on to_q / to_v; PG-
 Config fields -> paper symbols: ``guidance_min`` / ``guidance_max`` = PG-SB's kappa_min / kappa_max, equal for
 SwiftBrush's fixed w (4.5 on SD2.1); ``t_min`` / ``t_max`` = the range of t in the generator loss (Algorithm 1:
 0.02T..0.98T; the official code draws timesteps 20..980 of 1000); ``critic_t_min`` / ``critic_t_max`` = the range
-of the critic's t' (0..T; the code draws 0..999); ``cond_dropout`` = the critic's condition-dropout rate (0.1).
+of the critic's t' (0..T; the code draws 0..999); ``cond_dropout`` = the critic's condition-dropout rate (0.1);
+``student_every``: the student turn runs every this many steps, the critic every step (1, the default, is
+Algorithm 1's alternation; above 1 it is DMD2's two time-scale update rule, not part of SwiftBrush).
 
 Not implemented: SNOOPI's NASA (an inference-time cross-attention processor for negative prompts) and SwiftBrush
 v2's clamped CLIP loss (with its SD-Turbo initialisation and LoRA / full weight merging), which SNOOPI's recipe
@@ -65,6 +67,7 @@ class SwiftBrushConfig:
     critic_t_min: float = 0.0
     critic_t_max: float = 1.0
     cond_dropout: float = 0.1
+    student_every: int = 1
 
 
 def vsd(x: Tensor, x0_real: Tensor, x0_fake: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, dict]:
@@ -98,7 +101,8 @@ class SwiftBrush(Method):
         self.cfg = cfg
         self.teacher = teacher.requires_grad_(False)
         self.student, self.critic = student, critic
-        self.turns = (Turn("student"), Turn("critic"))
+        # the official order at student_every = 1; above it the critic leads, as DMD2's TTUR (not in SwiftBrush)
+        self.turns = (Turn("student", every=cfg.student_every), Turn("critic"))
 
     @classmethod
     def build(cls, cfg: SwiftBrushConfig, parts: Parts) -> SwiftBrush:
@@ -120,6 +124,8 @@ class SwiftBrush(Method):
             u, v = getattr(cfg, a), getattr(cfg, b)
             require(0 <= u <= v <= 1, f"method.{a} {u} / method.{b} {v}: need 0 <= {a} <= {b} <= 1")
         require(0 <= cfg.cond_dropout <= 1, f"method.cond_dropout {cfg.cond_dropout} must be in [0, 1]")
+        require(cfg.student_every >= 1, f"method.student_every {cfg.student_every} must be >= 1 (critic updates per "
+                "student update; 1 = SwiftBrush's alternation)")
         require(len(model.student_timesteps) == 1, f"model.student_timesteps {list(model.student_timesteps)}: "
                 "SwiftBrush trains a one-step student; give one timestep, the teacher's last (999; 1000 for flow)")
         require(not model.gan_head, "model.gan_head true: SwiftBrush is image-free and has no discriminator; set "
