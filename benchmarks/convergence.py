@@ -1,19 +1,28 @@
-"""DisBack against DMD2 at equal generator updates on digits: FD after N generator updates, for several N.
+"""A DMD2-family method against DMD2 at equal generator updates on digits: FD and output statistics after N
+generator updates, for several N.
 
-DisBack (arXiv 2408.15991) claims faster convergence than the score distillation it builds on. This trains
-``digits_disback`` and ``digits_dmd2`` once each (with the overrides given), to the largest N, keeping the checkpoint
-at every N (DMD2: step N x student_every; DisBack: record_steps + N x student_every, its recording stage makes no
-generator update); then exports the student of each kept checkpoint (EMA weights, as a run's own export) and scores
-it as a run's evaluation does (FD-digits, accuracy, precision / recall, mean and spread over the seeds; the FD ratio
-to the teacher at its best where the teacher grid is cached at that sample count: 2,000). It prints one table and
-writes it, with every figure, to ``<out>/disback_convergence.json``.
+- ``--method disback``: DisBack (arXiv 2408.15991) claims faster convergence than the score distillation it builds on.
+- ``--method decoupled_dmd``: Decoupled DMD (arXiv 2511.22677) addresses the oversaturation and collapse of DMD under
+  guidance; DMD2 is then given the same real-score guidance as the rival (unless ``--dmd2`` sets it), so both target
+  the same guided distribution and differ only in how the DMD gradient is split and re-noised.
 
-    python benchmarks/disback_convergence.py --updates 40,80,120,200 --out runs/disback_convergence
-    python benchmarks/disback_convergence.py --updates 40,80,120,200 --common data.batch_size=64 \
-        --disback method.record_steps=400 method.snapshot_every=100
+This trains the rival's digits preset and ``digits_dmd2`` once each (with the overrides given), to the largest N,
+keeping the checkpoint at every N (DMD2 and Decoupled DMD: step N x student_every; DisBack: record_steps + N x
+student_every, its recording stage makes no generator update); then exports the student of each kept checkpoint
+(EMA weights, as a run's own export) and scores it as a run's evaluation does (FD-digits, accuracy, precision /
+recall, per-class FD, mean and spread over the seeds; the FD ratio to the teacher at its best where the teacher grid
+is cached at that sample count: 2,000), with the output statistics of the first seed's samples in pixel space: the
+per-class pixel variance (mean over classes and pixels; collapse drives it to 0) and the saturated fraction
+(|x| > 0.95), beside the same figures of the 1,797 real digits. It prints one table and writes it, with every
+figure, to ``<out>/convergence.json``.
+
+    python benchmarks/convergence.py --method disback --updates 40,120,180,200 --out runs/convergence_disback
+    python benchmarks/convergence.py --method decoupled_dmd --updates 80,160,240 --out runs/convergence_decoupled
+    python benchmarks/convergence.py --updates 40,80,120,200 --common data.batch_size=64 \
+        --rival method.record_steps=400 method.snapshot_every=100
     # a smoke run (seconds of training, no meaningful figures)
-    python benchmarks/disback_convergence.py --updates 1,2 --samples 50 --seeds 0 --out /tmp/dbc \
-        --common data.batch_size=4 --disback method.record_steps=2 method.snapshot_every=1 method.interval=1
+    python benchmarks/convergence.py --updates 1,2 --samples 50 --seeds 0 --out /tmp/dbc \
+        --common data.batch_size=4 --rival method.record_steps=2 method.snapshot_every=1 method.interval=1
 
 Both runs live in ``<out>/<method>/`` (resumed, not restarted, when the command is run again with the same settings:
 the loop resumes from the newest checkpoint); each scored student in ``<out>/<method>/N<n>/``.
@@ -31,7 +40,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-PRESET = {"dmd2": "digits_dmd2", "disback": "digits_disback"}
+PRESET = {"dmd2": "digits_dmd2", "disback": "digits_disback", "decoupled_dmd": "digits_decoupled_dmd"}
+NAME = {"dmd2": "DMD2", "disback": "DisBack", "decoupled_dmd": "Decoupled DMD"}
+SATURATED = 0.95      # |x| above this counts as a saturated pixel (images in [-1, 1])
 
 
 def overrides(pairs: list[str]) -> list[str]:
@@ -78,6 +89,22 @@ def teacher_fd(samples: int, seeds) -> float | None:
         return None
 
 
+def output_stats(x, labels) -> dict:
+    """Pixel-space statistics of images ``x`` in [-1, 1] with class ``labels``: the per-class pixel variance (mean
+    over classes and pixels) and the fraction of saturated pixels (``|x| > SATURATED``)."""
+    import torch
+
+    var = torch.stack([x[labels == c].var(0, unbiased=True).mean() for c in labels.unique()]).mean()
+    return {"class_variance": float(var), "saturated": float((x.abs() > SATURATED).float().mean())}
+
+
+def real_stats() -> dict:
+    """``output_stats`` of the real digits at the teacher's size (the digits the teacher was trained on)."""
+    from fewstep.digits.data import load_digits
+
+    return output_stats(*load_digits())
+
+
 def score(method: str, cfg, steps: dict[int, int], samples: int, seeds) -> dict[int, dict]:
     """Export and score the student of the checkpoint at ``steps[n]`` for every n."""
     from fewstep.core.ema import EMA
@@ -101,39 +128,51 @@ def score(method: str, cfg, steps: dict[int, int], samples: int, seeds) -> dict[
         folder_cfg.train.output_dir = str(run / f"N{n}")
         Path(folder_cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
         export.export_student(folder_cfg, teacher, net.student, ema)
-        s = scoring.score(scoring.load_pipeline(folder_cfg.train.output_dir), samples, seeds, quality=True)
-        rows[n] = {"step": step, "updates": state["updates"], **{k: v for k, v in s.items() if k != "nearest_train"}}
+        pipe = scoring.load_pipeline(folder_cfg.train.output_dir)
+        s = scoring.score(pipe, samples, seeds, quality=True)
+        stats = output_stats(*scoring.generate(pipe, samples, seeds[0]))      # the first seed's images again
+        rows[n] = {"step": step, "updates": state["updates"], **{k: v for k, v in s.items() if k != "nearest_train"},
+                   **stats}
         (run / f"N{n}" / "score.json").write_text(json.dumps(rows[n], indent=2))
         print(f"{method} N={n} (step {step}): FD-digits {s['fd_digits']:.2f}, accuracy {s['accuracy']:.3f}",
               file=sys.stderr, flush=True)
     return rows
 
 
-def table(results: dict, updates: list[int], best: float | None) -> str:
-    """One row per N: FD-digits of both (and its ratio to the teacher at its best, where known), accuracy, recall."""
+def table(results: dict, rival: str, updates: list[int], best: float | None, real: dict) -> str:
+    """One row per N: FD-digits of both (and its ratio to the teacher at its best, where known), accuracy, recall,
+    per-class pixel variance and saturated fraction."""
     def fd(r):
         return f"{r['fd_digits']:.2f}" + (f" ({r['fd_digits'] / best:.2f}x)" if best else "")
 
-    head = ("| N | DMD2 FD-digits | DisBack FD-digits | DisBack / DMD2 | DMD2 acc | DisBack acc | DMD2 recall | "
-            "DisBack recall |")
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    a_, b_ = NAME["dmd2"], NAME[rival]
+    head = (f"| N | {a_} FD-digits | {b_} FD-digits | {b_} / {a_} | {a_} acc | {b_} acc | {a_} recall | {b_} recall | "
+            f"{a_} class variance | {b_} class variance | {a_} saturated | {b_} saturated |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n in updates:
-        a, b = results["dmd2"][n], results["disback"][n]
+        a, b = results["dmd2"][n], results[rival][n]
         lines.append(f"| {n} | {fd(a)} | {fd(b)} | {b['fd_digits'] / a['fd_digits']:.3f} | {a['accuracy']:.3f} | "
-                     f"{b['accuracy']:.3f} | {a['recall']:.3f} | {b['recall']:.3f} |")
+                     f"{b['accuracy']:.3f} | {a['recall']:.3f} | {b['recall']:.3f} | {a['class_variance']:.4f} | "
+                     f"{b['class_variance']:.4f} | {a['saturated']:.3f} | {b['saturated']:.3f} |")
+    v, f = f"{real['class_variance']:.4f}", f"{real['saturated']:.3f}"
+    lines.append(f"| real digits | | | | | | | | {v} | {v} | {f} | {f} |")
     return "\n".join(lines)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=("disback", "decoupled_dmd"), default="disback",
+                   help="the method run against DMD2 (default: disback)")
     p.add_argument("--updates", default="40,80,120,200", help="generator update counts N, comma-separated")
-    p.add_argument("--out", type=Path, default=Path("runs/disback_convergence"))
+    p.add_argument("--out", type=Path, default=None, help="default: runs/convergence_<method>")
     p.add_argument("--samples", type=int, default=2000, help="samples per seed for each score")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--common", nargs="*", default=[], help="overrides for both runs, key=value")
-    p.add_argument("--disback", nargs="*", default=[], help="overrides for the DisBack run, key=value")
+    p.add_argument("--rival", nargs="*", default=[], help="overrides for the --method run, key=value")
     p.add_argument("--dmd2", nargs="*", default=[], help="overrides for the DMD2 run, key=value")
     args = p.parse_args()
+    rival = args.method
+    args.out = args.out or Path(f"runs/convergence_{rival}")
     updates = sorted({int(u) for u in args.updates.split(",")})
     seeds = tuple(int(s) for s in args.seeds.split(","))
     if not updates or updates[0] < 1:
@@ -141,8 +180,13 @@ def main():
     from fewstep.run import build
 
     plans = {}
-    for method in ("dmd2", "disback"):      # every config is checked before any training starts
-        base = overrides(args.common) + overrides(getattr(args, method))
+    extra = {"dmd2": list(args.dmd2), rival: list(args.rival)}
+    if rival == "decoupled_dmd" and not any(o.startswith("method.guidance_scale=") for o in args.dmd2):
+        # the same guided target for both: Decoupled DMD only changes how the DMD gradient is split and re-noised
+        w = config(rival, overrides(args.common) + overrides(args.rival)).method.guidance_scale
+        extra["dmd2"].append(f"method.guidance_scale={w}")
+    for method in ("dmd2", rival):      # every config is checked before any training starts
+        base = overrides(args.common) + overrides(extra[method])
         probe = config(method, base)
         steps = {n: step_of(probe, n) for n in updates}
         every = reduce(math.gcd, steps.values())
@@ -158,12 +202,13 @@ def main():
               file=sys.stderr, flush=True)
         train(method, argv)
         results[method] = score(method, cfg, steps, args.samples, seeds)
-    best = teacher_fd(args.samples, seeds)
-    text = table(results, updates, best)
-    report = {"updates": updates, "samples": args.samples, "seeds": list(seeds), "teacher_best_fd_digits": best,
+    best, real = teacher_fd(args.samples, seeds), real_stats()
+    text = table(results, rival, updates, best, real)
+    report = {"method": rival, "updates": updates, "samples": args.samples, "seeds": list(seeds),
+              "teacher_best_fd_digits": best, "real_digits": real,
               "runs": {m: {"argv": plans[m][1], "steps": plans[m][2]} for m in plans},
               "results": {m: {str(n): r for n, r in results[m].items()} for m in results}, "table": text}
-    (args.out / "disback_convergence.json").write_text(json.dumps(report, indent=2))
+    (args.out / "convergence.json").write_text(json.dumps(report, indent=2))
     print(text)
 
 
