@@ -14,12 +14,13 @@ from fewstep.training import loop
 #   (cond and uncond in one batched call: 2B), C = the critic whole, C| = the critic stopped at its tapped block
 #   (the GAN's real pass), E = the consistency target network. Each turn draws its own batch (the loop's
 #   per-turn seeds), so the student turn generates its own sample.
-# digits_dmd2 and digits_fdistill use real-score guidance 1 (no CFG): their teacher runs its conditional half only.
+# digits_fdistill uses real-score guidance 1 (no CFG): its teacher runs its conditional half only; digits_dmd2
+# guides at 1.05, so its teacher runs both halves.
 NEEDED = {
-    "digits_dmd2": {"critic": [("S", 2), ("C", 2), ("C|", 2)], "student": [("S", 2), ("T", 2), ("C", 2)]},
+    "digits_dmd2": {"critic": [("S", 2), ("C", 2), ("C|", 2)], "student": [("S", 2), ("T", 4), ("C", 2)]},
     "digits_dmd2_4step": {"critic": [("S", 2)] * 4 + [("C", 2), ("C|", 2)],
-                          "student": [("S", 2)] * 4 + [("T", 2), ("C", 2)]},
-    "digits_sid": {"critic": [("S", 2), ("C", 2)], "student": [("S", 2), ("T", 4), ("C", 2)]},
+                          "student": [("S", 2)] * 4 + [("T", 4), ("C", 2)]},
+    "digits_sid": {"critic": [("S", 2), ("C", 2)], "student": [("S", 2), ("T", 2), ("C", 2)]},
     "digits_fdistill": {"critic": [("S", 2), ("C", 2), ("C|", 2)], "student": [("S", 2), ("T", 2), ("C", 2)]},
     "digits_phased_dmd": {"critic": [("S", 2), ("C", 2)], "student": [("S", 2), ("T", 4), ("C", 2)]},
     "digits_consistency": {"student": [("T", 4), ("E", 2), ("S", 2)]},
@@ -102,7 +103,7 @@ def test_a_discriminator_on_teacher_features_sends_no_gradient_into_the_critic(t
     log.clear()
     loss, logs = method("student", batch, 1)
     loss.backward()
-    assert [(k if ran else f"{k}|", b) for k, b, *ran in log] == [("S", 2), ("T", 2), ("C", 2)]   # w = 1: cond only
+    assert [(k if ran else f"{k}|", b) for k, b, *ran in log] == [("S", 2), ("T", 4), ("C", 2)]   # w > 1: cond + uncond
     assert "loss/student/gan" in logs and all(p.grad is None for p in params["critic"])
     for h in handles:
         h.remove()

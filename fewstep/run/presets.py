@@ -32,17 +32,18 @@ from fewstep.run.config import DataConfig, ModelConfig, OptimConfig, RunConfig, 
 def digits_dmd2() -> RunConfig:
     """DMD2 on the bundled digits teacher -> a one-step student (the main job; CPU, minutes).
 
-    Real-score guidance 1.0 (no CFG, as DMD2 on ImageNet-64), GAN weights 3e-2 and 1200 steps (240 generator
-    updates): the student is matched to the teacher's unguided distribution, which is also the teacher's best
-    setting (docs/benchmarks/teacher_grid_digits.md). CPU sweep (2000 samples x 3 seeds,
-    docs/benchmarks/digits_dmd2_cpu_sweep.md), FD-digits / class accuracy: w = 1.25 at 800 steps 29.4 / 0.987;
-    w = 1.0: 18.8 / 0.958; with GAN 3e-2: 17.1 / 0.956; and 1200 steps: 12.3 / 0.961 (ratio 1.36 to the teacher's
-    best 9.01). Earlier (H200, one seed, 700 steps, 1000 samples; benchmarks/gpu_sweep.sh) w = 2 / 1.5 / 1.25 gave
-    158 / 64.5 / 31.9. Guidance buys accuracy with diversity: the teacher itself is at 0.979 without it.
+    Real-score guidance 1.05 (nearly none: the teacher's best setting is unguided, docs/benchmarks/
+    teacher_grid_digits.md, and a little guidance buys class accuracy), GAN weights 3e-2 and 1200 steps (240
+    generator updates). CPU sweep (2000 samples x 3 seeds, docs/benchmarks/digits_dmd2_cpu_sweep.md), FD ratio to the
+    teacher at its best (FD-digits 9.01) / class accuracy: w = 1.25 at 800 steps 3.26 / 0.987; w = 1.0: 2.08 / 0.958;
+    with GAN 3e-2: 1.89 / 0.956; and 1200 steps: 1.36 / 0.961; w = 1.05: 1.40 / 0.969 (recall 0.98x the teacher's);
+    w = 1.1: 1.52 / 0.976. Earlier (H200, one seed, 700 steps, 1000 samples; benchmarks/gpu_sweep.sh) w = 2 / 1.5 /
+    1.25 gave FD-digits 158 / 64.5 / 31.9. Guidance buys accuracy with diversity: the teacher itself is at 0.979
+    without it.
     """
     return RunConfig(
         method_name="dmd2",
-        method=DMD2Config(guidance_scale=1.0, student_every=5, gan_weight_student=3e-2, gan_weight_critic=3e-2),
+        method=DMD2Config(guidance_scale=1.05, student_every=5, gan_weight_student=3e-2, gan_weight_critic=3e-2),
         model=ModelConfig(student_timesteps=(999,), gan_head=True),
         data=DataConfig(source="digits", batch_size=32),
         train=TrainConfig(output_dir="runs/dmd2_digits", max_steps=1200, ema_decay=0.99, sample_every=200,
@@ -534,7 +535,8 @@ def digits_kd() -> RunConfig:
     1024 cached teacher samples: 20 DDIM steps at CFG 1.25 (digits_dmd2's real-score guidance; the teacher's
     FD-digits is best near w = 1), l2 loss, Adam lr 1e-4 over 500 steps of 32. Sized for a 2-core CPU from a short
     timing at one thread on such a CPU busy with another job (64 pairs 12 s, a step 0.5 s): the pairs ~3 min, the
-    steps ~4 min, export and scoring after. Not tuned: no full run was made."""
+    steps ~4 min, export and scoring after. Not tuned. The run with no arguments took 5.6 minutes: FD ratio 2.48 to
+    the teacher at its best, accuracy 0.992, recall 0.89x (docs/benchmarks/digits_new_methods.md)."""
     return RunConfig(
         method_name="kd",
         method=KDConfig(pairs=1024, teacher_steps=20, guidance_scale=1.25, loss="l2"),
@@ -579,8 +581,9 @@ def digits_meanflow() -> RunConfig:
     z_0 = z_1 - u(z_1, 0, 1): the paper's lognorm(-0.4, 1.0) (t, r) sampler with 25% r != t and adaptive weight
     p = 1, c = 1e-3; the teacher's velocity at CFG 1.25 (digits_dmd2's real-score guidance) is v; z_t from the
     real digits. Adam lr 1e-4 without weight decay, EMA 0.99, 1000 steps of 32: our choices for this CPU-sized
-    job (one step costs about a student forward, its JVP and backward, and a teacher pass). Not tuned: no full
-    run was made."""
+    job (one step costs about a student forward, its JVP and backward, and a teacher pass). Not tuned. The run with
+    no arguments (14-15.6 minutes) has not learned its one-step jump: the one-step output is the class mean (ratio
+    35.7, recall 0); the same export at 8 steps is at 2.71 (docs/benchmarks/digits_new_methods.md)."""
     return RunConfig(
         method_name="meanflow",
         method=MeanFlowConfig(guidance_scale=1.25, ratio=0.25, time_mu=-0.4, time_sigma=1.0, weight_p=1.0,
@@ -643,7 +646,9 @@ def digits_scm() -> RunConfig:
     a one-step student: TrigFlow with sigma_d 0.5, the paper's CIFAR-10 proposal (P_mean -1.0, P_std 1.4), tangent
     normalisation c = 0.1, adaptive weighting; the teacher's PF-ODE at CFG 1.25 (digits_dmd2's real-score guidance);
     x_t from the real digits. Tangent warm-up over 200 of the 1000 steps (the paper's 10k is for runs of 100k+),
-    Adam lr 1e-4 without weight decay, EMA 0.99: our choices for this CPU-sized job. Not tuned: no full run was made."""
+    Adam lr 1e-4 without weight decay, EMA 0.99: our choices for this CPU-sized job. Not tuned. The run with no
+    arguments (13.3 minutes) has not converged: noisy digits, ratio 43.4, accuracy 0.747
+    (docs/benchmarks/digits_new_methods.md)."""
     return RunConfig(
         method_name="scm",
         method=SCMConfig(guidance_scale=1.25, sigma_d=0.5, p_mean=-1.0, p_std=1.4, tangent_c=0.1, tangent_warmup=200),
@@ -668,7 +673,8 @@ def digits_rcm() -> RunConfig:
     """rCM (Zheng et al., arXiv 2510.08431) on the bundled digits teacher -> a one-step student: digits_scm's sCM
     term plus 0.01 x DMD2's (the paper's relative weight), DMD2's critic and TTUR 5 (rCM's student update
     frequency), the same teacher CFG 1.25 for both terms, no GAN; critic at digits_dmd2's lr 1e-4. Our choices
-    otherwise (digits_scm's); not tuned: no full run was made."""
+    otherwise (digits_scm's); not tuned. The run with no arguments took 11.5 minutes: ratio 8.25 to the teacher at
+    its best (sCM alone: 43.4), accuracy 0.976, recall 0.64x (docs/benchmarks/digits_new_methods.md)."""
     cfg = digits_scm()
     cfg.method_name = "rcm"
     cfg.method = RCMConfig(guidance_scale=1.25, sigma_d=0.5, p_mean=-1.0, p_std=1.4, tangent_c=0.1,
@@ -679,13 +685,14 @@ def digits_rcm() -> RunConfig:
 
 
 def digits_disback() -> RunConfig:
-    """DisBack on the bundled digits teacher -> a one-step student: digits_dmd2's DMD2 settings (real-score
-    guidance 1, TTUR 5, GAN 3e-2, lr 1e-4) after a recording stage. Stage 1: 200 steps train the path adapter
+    """DisBack on the bundled digits teacher -> a one-step student: digits_dmd2's DMD2 settings (its real-score
+    guidance, TTUR 5, GAN 3e-2, lr 1e-4) after a recording stage. Stage 1: 200 steps train the path adapter
     (rank 32 on the UNet's attention projections, lr 1e-3) on the initial student's samples, a node every 50 steps
     (4 nodes, 0.26 MB each); stage 2: 1000 steps (200 generator updates), the real score moving one node toward
     the teacher every 20 generator updates and reaching it at update 60. Our choices: no digits recipe was
-    published, and none was tuned. Not run in full: from timed turns a recording step costs about half a DMD2 step,
-    so about 0.9 x digits_dmd2's training time (694 s), some 12.5 minutes with export and evaluation."""
+    published, and none was tuned. The run with no arguments (at digits_dmd2's guidance of then, 1.0) took 11.3
+    minutes: FD ratio 1.61 to the teacher at its best, accuracy 0.961 (docs/benchmarks/digits_new_methods.md);
+    benchmarks/convergence.py compares it with DMD2 at equal generator updates."""
     cfg = digits_dmd2()
     cfg.method_name = "disback"
     cfg.method = DisBackConfig(**asdict(cfg.method), record_steps=200, snapshot_every=50, interval=20)
@@ -721,13 +728,12 @@ def sdxl_disback() -> RunConfig:
 
 def digits_msd() -> RunConfig:
     """MSD (arXiv 2410.23274) on the bundled digits teacher -> two one-step students, digits 0-4 and 5-9, each a
-    DMD2 student with its own critic and discriminator head. Every other setting is digits_dmd2's (real-score
-    guidance 1.0, GAN 3e-2 on both sides, TTUR 5, batch 32, lr 1e-4, EMA 0.99), so the two students share each
+    DMD2 student with its own critic and discriminator head. Every other setting is digits_dmd2's (its real-score
+    guidance, GAN 3e-2 on both sides, TTUR 5, batch 32, lr 1e-4, EMA 0.99), so the two students share each
     batch: each sees about 16 samples per step (benchmarks/msd_vs_single.py compares it with one student at the
-    same steps). 900 steps (180 generator updates), not 1200, keep it within 15 minutes on this CPU: timed on one
-    thread, a step costs 0.98-1.13 s against digits_dmd2's 0.87 (two optimizers' worth of parameters per turn),
-    so about 0.7 s on two threads (digits_dmd2: 0.58), 11 minutes of training plus 2 of evaluation. The quality
-    reached is not measured yet (no full run was made)."""
+    same steps). 900 steps (180 generator updates), not 1200, keep it within 15 minutes on this CPU: the run with no
+    arguments took 12.1 minutes (at digits_dmd2's guidance of then, 1.0): FD ratio 2.05 to the teacher at its best,
+    class accuracy 0.957 (docs/benchmarks/digits_new_methods.md)."""
     cfg = digits_dmd2()
     cfg.method_name = "msd"
     cfg.method = MSDConfig(**asdict(cfg.method), students=2, routing="classes", class_groups="0-4|5-9")
@@ -757,7 +763,8 @@ def digits_twinflow() -> RunConfig:
     time CFG (gamma 0): the teacher's best digits setting is unguided (DDPM 100 steps, CFG 1). AdamW (0.9, 0.99)
     without weight decay and grad clip 1 (the paper's), lr 1e-4 (digits_meanflow's), 1000 steps of 32, EMA 0.99 for
     the export. Sized from a few timed steps on this CPU (1 thread, shared): a step costs about a digits_dmd2 step
-    (0.97x), whose 1200-step job takes 13.9 min, so ~11 min. Not tuned: no full run was made; on the exact toy
+    (0.97x). Not tuned. The run with no arguments took 9.4 minutes: one step 3.51x the teacher at its best, recall
+    1.00x; the same export at 4 steps 1.16x (docs/benchmarks/digits_new_methods.md). On the exact toy
     teacher (tests/test_twinflow.py) the paper's rectification weight 0.5 kept a collapsed one-step output collapsed
     for hundreds of steps where 0.1 converged: try --method.rect_weight 0.1 if this run stays blurry."""
     return RunConfig(
