@@ -352,7 +352,10 @@ def test_two_pgsb_steps_export_and_reload_in_stock_pipeline(family, mode, work, 
     out = train(teacher, work / "runs" / f"{family}_{mode}", "--data.prompts", str(work / "prompts.txt"),
                 "--data.batch_size", "2", "--train.max_steps", "2", "--model.student_timesteps", str(last),
                 "--model.mode", mode, "--model.lora_rank", "4", "--optim.student.lr", "1e-2",
-                "--train.ema_decay", "0")
+                "--train.ema_decay", "0",
+                # PG-SB's alternation and random scale (the digits preset leads with its critic and fixes w = 1):
+                # the student's step-1 update is the one that moves it off the teacher
+                "--method.student_every", "1", "--method.guidance_min", "1", "--method.guidance_max", "1.5")
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == cls
     pipe, images = stock_images(family, out)

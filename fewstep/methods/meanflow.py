@@ -64,6 +64,7 @@ from torch import Tensor
 
 from fewstep.core.conditioning import Batch, Cond
 from fewstep.core.denoiser import Denoiser
+from fewstep.core.flow_map import EXPORT_STEPS, EXPORTS, MAX_STEPS, MeanFlowStudent, check_foldable
 from fewstep.core.flow_time import FlowTime, velocity_of
 from fewstep.core.generator import FewStepGenerator
 from fewstep.core.jvp import continuous, jvp_attention
@@ -71,7 +72,6 @@ from fewstep.core.schedules import bcast
 from fewstep.core.two_time import attach
 from fewstep.errors import ConfigError
 from fewstep.methods.base import Method, Parts, Turn, has_real_images, require
-from fewstep.methods.flow_map import EXPORT_STEPS, EXPORTS, MAX_STEPS, MeanFlowStudent, check_foldable
 
 SAMPLERS = ("logit_normal", "uniform")
 

@@ -40,7 +40,7 @@ no rectification signal until the adv group has fitted the fakes), as DMD initia
 teacher, rather than from an embedding of negative times the pretrained model never saw. It is a module of the
 method, not of the diffusers model: the exported student never runs at negative time and stays plain diffusers.
 
-Sampling and export: ``TwinFlowStudent`` is ``flow_map.MeanFlowStudent``: the any-step sampler
+Sampling and export: ``TwinFlowStudent`` is ``core.flow_map.MeanFlowStudent``: the any-step sampler
 ``x_r = x_t - (t - r) F`` (the code's "any" sampling style; its "few" style, jumping to 0 and re-noising, is not
 exported) and MeanFlow's two exports, ``flow_map`` (one plain backbone plus the offset embedding, every step count
 up to ``export_steps``) and ``folded`` (one plain expert per trained step). A LoRA student's exports start from a
@@ -75,6 +75,7 @@ from torch import Tensor
 from fewstep.core.adapter import adapter_for
 from fewstep.core.conditioning import Batch, Cond
 from fewstep.core.denoiser import Denoiser
+from fewstep.core.flow_map import EXPORT_STEPS, EXPORTS, MAX_STEPS, MeanFlowStudent, check_foldable
 from fewstep.core.flow_time import FlowTime, velocity_of
 from fewstep.core.generator import FewStepGenerator
 from fewstep.core.jvp import continuous
@@ -82,7 +83,6 @@ from fewstep.core.schedules import bcast
 from fewstep.core.two_time import TimeOffsetEmbedding, attach, embedding_of
 from fewstep.errors import ConfigError
 from fewstep.methods.base import Method, Parts, Turn, has_real_images, require
-from fewstep.methods.flow_map import EXPORT_STEPS, EXPORTS, MAX_STEPS, MeanFlowStudent, check_foldable
 
 GROUPS = ("e2e", "mul", "any", "adv")
 SALT = 60           # the batch-seed salts of TwinFlow's draws

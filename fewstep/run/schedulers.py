@@ -158,7 +158,7 @@ def scheduler_for(spec: Sampling, teacher_scheduler_config, pipeline_class: str 
 
 def flow_map_scheduler_for(spec: Sampling, teacher_scheduler_config, flow_map=None):
     """A flow-map student's ``FewStepScheduler``: DDIM jumps on its t-list and, from ``flow_map`` (a
-    ``meanflow.FlowMap``), each step count's t-list and flow-time (t, r) pairs and the offset embedding it hooks onto
+    ``core.flow_map.FlowMap``), each step count's t-list and flow-time (t, r) pairs and the offset embedding it hooks onto
     the pipeline's backbone (``FewStepTimeOffset``); without ``flow_map``, the scheduler alone (a check)."""
     base = fewstep_scheduler_for(teacher_scheduler_config, list(spec.timesteps), spec.init_scale)
     if flow_map is None:
