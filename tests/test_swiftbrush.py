@@ -213,13 +213,18 @@ def test_each_turn_touches_only_its_parameters(mode, tiny_teacher_dir, tmp_path)
 
 
 def test_student_every_gives_the_critic_a_lead(tiny_teacher_dir, tmp_path):
-    """``student_every`` 3: the student turn runs on steps 0, 3, 6, the critic on every step (DMD2's TTUR)."""
+    """``student_every`` 3: the student turn runs on steps 0, 3, 6, the critic on every step and first (DMD2's
+    TTUR: a student turn before any critic update would see the teacher as its critic, a zero gradient); at 1 the
+    order is Algorithm 1's, student first."""
     cfg = RunConfig(method_name="swiftbrush", method=SwiftBrushConfig(student_every=3),
                     model=ModelConfig(teacher=str(tiny_teacher_dir), gan_head=False),
                     train=TrainConfig(output_dir=str(tmp_path)))
     method = build.make_method(cfg, build.load_teacher(cfg.model))
     runs = {t.name: [s for s in range(7) if t.runs(s)] for t in method.turns}
     assert runs == {"student": [0, 3, 6], "critic": list(range(7))}
+    assert [t.name for t in method.turns] == ["critic", "student"]
+    cfg.method = SwiftBrushConfig(student_every=1)
+    assert [t.name for t in build.make_method(cfg, build.load_teacher(cfg.model)).turns] == ["student", "critic"]
 
 
 # ------------------------------------------------------------------------------------------ exact toy teacher

@@ -33,7 +33,8 @@ SwiftBrush's fixed w (4.5 on SD2.1); ``t_min`` / ``t_max`` = the range of t in t
 0.02T..0.98T; the official code draws timesteps 20..980 of 1000); ``critic_t_min`` / ``critic_t_max`` = the range
 of the critic's t' (0..T; the code draws 0..999); ``cond_dropout`` = the critic's condition-dropout rate (0.1);
 ``student_every``: the student turn runs every this many steps, the critic every step (1, the default, is
-Algorithm 1's alternation; above 1 it is DMD2's two time-scale update rule, not part of SwiftBrush).
+Algorithm 1's alternation, student first; above 1 it is DMD2's two time-scale update rule, not part of
+SwiftBrush, with the critic's turn first in each step).
 
 Not implemented: SNOOPI's NASA (an inference-time cross-attention processor for negative prompts) and SwiftBrush
 v2's clamped CLIP loss (with its SD-Turbo initialisation and LoRA / full weight merging), which SNOOPI's recipe
@@ -101,8 +102,11 @@ class SwiftBrush(Method):
         self.cfg = cfg
         self.teacher = teacher.requires_grad_(False)
         self.student, self.critic = student, critic
-        # the official order at student_every = 1; above it the critic leads, as DMD2's TTUR (not in SwiftBrush)
-        self.turns = (Turn("student", every=cfg.student_every), Turn("critic"))
+        # student_every = 1 keeps Algorithm 1's order (student, then critic). Above 1 the critic leads, as DMD2's
+        # TTUR (not in SwiftBrush), and takes its turn first: the critic starts as the teacher, so a student turn
+        # before any critic update has a zero VSD gradient (at kappa = 1) and would waste an update
+        student, critic = Turn("student", every=cfg.student_every), Turn("critic")
+        self.turns = (student, critic) if cfg.student_every == 1 else (critic, student)
 
     @classmethod
     def build(cls, cfg: SwiftBrushConfig, parts: Parts) -> SwiftBrush:
