@@ -9,6 +9,11 @@ every such count (``--steps``, default 1..8) with the bundled digits nets: class
 ``--samples``; without a cached grid at that count the ratio is left out). Writes ``flowmap_steps.json``,
 ``flowmap_steps.md`` and ``flowmap_steps.png`` (FD-digits and accuracy against steps, one line per student) into
 ``--out``. FD-digits is a Frechet distance in the digits net's feature space, not FID.
+
+A one-step consistency export (sCM, rCM, LCM: "x0, then fresh noise" students whose x0 is a consistency function,
+valid at every t) is sampled the same way with ``--multistep``: at k steps on the even list from its trained timestep,
+``t_i = t_0 - i (t_0 + 1) / k`` (999 -> [999, 499] at 2, [999, 749, 499, 249] at 4), passed as the pipeline's
+``timesteps``: the consistency models' multistep sampler (re-noise the x0 estimate to the next t with fresh noise).
 """
 from __future__ import annotations
 
@@ -38,12 +43,38 @@ def reference(n: int) -> float | None:
         return None
 
 
-def measure(folder: Path, steps: list[int], n: int, seeds: tuple[int, ...], ref: float | None) -> list[dict]:
+def trained_list(folder: Path) -> list[int]:
+    """The export's trained t-list (empty when its scheduler records none)."""
+    cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    return list(cfg.get("train_timesteps") or [])
+
+
+def even_list(t0: int, k: int) -> list[int]:
+    """k descending timesteps from ``t0``, evenly spaced, trailing: ``t_i = t_0 - i (t_0 + 1) / k``."""
+    return [int(round(t0 - i * (t0 + 1) / k)) for i in range(k)]
+
+
+class AtList:
+    """The pipeline, sampling on ``timesteps`` whatever step count its caller asks for (its length is the count)."""
+
+    def __init__(self, pipe, timesteps: list[int]):
+        self.pipe, self.timesteps = pipe, timesteps
+
+    def __call__(self, labels, num_inference_steps=None, **kw):
+        return self.pipe(labels, timesteps=self.timesteps, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+
+def measure(folder: Path, steps: list[int], n: int, seeds: tuple[int, ...], ref: float | None,
+            multistep: bool = False) -> list[dict]:
     from fewstep.digits import scoring
 
     pipe, rows = scoring.load_pipeline(folder), []
     for k in steps:
-        s = scoring.score(pipe, n, seeds, steps=k)
+        s = (scoring.score(AtList(pipe, even_list(trained_list(folder)[0], k)), n, seeds) if multistep else
+             scoring.score(pipe, n, seeds, steps=k))
         rows.append({"student": folder.name, "steps": k, "accuracy": s["accuracy"], "fd_digits": s["fd_digits"],
                      "fd_digits_std": s["fd_digits_std"], "fd_ratio": s["fd_digits"] / ref if ref else None})
         print(json.dumps(rows[-1]), flush=True)
@@ -83,23 +114,36 @@ def table(rows: list[dict], n: int, seeds, ref) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folders", nargs="+", type=Path, help="exported flow-map student folders (run folders)")
+    p.add_argument("folders", nargs="+", type=Path,
+                   help="exported flow-map student folders (run folders), or with --multistep one-step consistency ones")
     p.add_argument("--out", type=Path, default=Path("reports/flowmap_steps"))
     p.add_argument("--steps", default="1-8", help="step counts, e.g. 1-8 or 1,2,4")
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--multistep", action="store_true",
+                   help="the folders are one-step consistency exports (sCM, rCM, LCM): sample k steps on the even "
+                        "list from their trained timestep")
     args = p.parse_args(argv)
     lo, _, hi = args.steps.partition("-")
     wanted = list(range(int(lo), int(hi) + 1)) if hi else [int(v) for v in args.steps.split(",")]
     seeds = tuple(int(v) for v in args.seeds.split(","))
     for f in args.folders:
-        if not (f / "scheduler" / "scheduler_config.json").is_file() or step_counts(f) == 0:
+        if not (f / "scheduler" / "scheduler_config.json").is_file():
+            print(f"error: {f} holds no exported pipeline (no scheduler/scheduler_config.json); pass a run folder "
+                  "whose training finished", file=sys.stderr)
+            return 2
+        if args.multistep and len(trained_list(f)) != 1:
+            print(f"error: --multistep takes one-step consistency exports; {f} was trained on "
+                  f"{trained_list(f) or 'no t-list'}", file=sys.stderr)
+            return 2
+        if not args.multistep and step_counts(f) == 0:
             print(f"error: {f} is not a flow-map export (its scheduler records no flow_map_timesteps); export with "
-                  "--method.export flow_map", file=sys.stderr)
+                  "--method.export flow_map, or pass --multistep for a one-step consistency export", file=sys.stderr)
             return 2
     ref, rows = reference(args.samples), []
     for f in args.folders:
-        rows += measure(f, [k for k in wanted if k <= step_counts(f)], args.samples, seeds, ref)
+        counts = wanted if args.multistep else [k for k in wanted if k <= step_counts(f)]
+        rows += measure(f, counts, args.samples, seeds, ref, args.multistep)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "flowmap_steps.json").write_text(json.dumps(rows, indent=2))
     (args.out / "flowmap_steps.md").write_text(table(rows, args.samples, seeds, ref))
