@@ -101,7 +101,7 @@ def plot(rows: list[dict], out: Path) -> None:
 
 
 def table(rows: list[dict], n: int, seeds, ref) -> str:
-    head = (f"FD-digits and class accuracy of each flow-map export at every step count ({n} samples x seeds "
+    head = (f"FD-digits and class accuracy of each export at every step count ({n} samples x seeds "
             f"{list(seeds)}); FD ratio to the teacher at its best (FD-digits {ref:.2f})." if ref else
             f"({n} samples x seeds {list(seeds)}; no cached teacher grid at this sample count: no ratio.)")
     lines = [head, "", "| student | steps | accuracy | FD-digits | FD ratio |", "|---|---|---|---|---|"]
