@@ -14,6 +14,7 @@ A one-step consistency export (sCM, rCM, LCM: "x0, then fresh noise" students wh
 valid at every t) is sampled the same way with ``--multistep``: at k steps on the even list from its trained timestep,
 ``t_i = t_0 - i (t_0 + 1) / k`` (999 -> [999, 499] at 2, [999, 749, 499, 249] at 4), passed as the pipeline's
 ``timesteps``: the consistency models' multistep sampler (re-noise the x0 estimate to the next t with fresh noise).
+``--quality`` adds precision and recall (k = 3) and the second feature net's FD at each count.
 """
 from __future__ import annotations
 
@@ -67,16 +68,20 @@ class AtList:
         return getattr(self.pipe, name)
 
 
+QUALITY = ("fd_digits_net2", "precision", "recall", "precision_net2", "recall_net2")
+
+
 def measure(folder: Path, steps: list[int], n: int, seeds: tuple[int, ...], ref: float | None,
-            multistep: bool = False) -> list[dict]:
+            multistep: bool = False, quality: bool = False) -> list[dict]:
     from fewstep.digits import scoring
 
     pipe, rows = scoring.load_pipeline(folder), []
     for k in steps:
-        s = (scoring.score(AtList(pipe, even_list(trained_list(folder)[0], k)), n, seeds) if multistep else
-             scoring.score(pipe, n, seeds, steps=k))
+        s = (scoring.score(AtList(pipe, even_list(trained_list(folder)[0], k)), n, seeds, quality=quality)
+             if multistep else scoring.score(pipe, n, seeds, steps=k, quality=quality))
         rows.append({"student": folder.name, "steps": k, "accuracy": s["accuracy"], "fd_digits": s["fd_digits"],
-                     "fd_digits_std": s["fd_digits_std"], "fd_ratio": s["fd_digits"] / ref if ref else None})
+                     "fd_digits_std": s["fd_digits_std"], "fd_ratio": s["fd_digits"] / ref if ref else None,
+                     **({key: s[key] for key in QUALITY} if quality else {})})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -104,11 +109,16 @@ def table(rows: list[dict], n: int, seeds, ref) -> str:
     head = (f"FD-digits and class accuracy of each export at every step count ({n} samples x seeds "
             f"{list(seeds)}); FD ratio to the teacher at its best (FD-digits {ref:.2f})." if ref else
             f"({n} samples x seeds {list(seeds)}; no cached teacher grid at this sample count: no ratio.)")
-    lines = [head, "", "| student | steps | accuracy | FD-digits | FD ratio |", "|---|---|---|---|---|"]
+    quality = bool(rows) and "precision" in rows[0]
+    cols = " precision / recall |" if quality else ""
+    lines = [head, "", "| student | steps | accuracy | FD-digits | FD ratio |" + cols,
+             "|---|---|---|---|---|" + ("---|" if quality else "")]
     for r in rows:
         ratio = f"{r['fd_ratio']:.2f}" if r["fd_ratio"] else "–"
         spread = f" ± {r['fd_digits_std']:.1f}" if len(seeds) > 1 else ""     # no spread from one seed
-        lines.append(f"| {r['student']} | {r['steps']} | {r['accuracy']:.3f} | {r['fd_digits']:.1f}{spread} | {ratio} |")
+        pr = f" {r['precision']:.3f} / {r['recall']:.3f} |" if quality else ""
+        lines.append(f"| {r['student']} | {r['steps']} | {r['accuracy']:.3f} | {r['fd_digits']:.1f}{spread} | {ratio} |"
+                     + pr)
     return "\n".join(lines) + "\n"
 
 
@@ -123,6 +133,8 @@ def main(argv=None) -> int:
     p.add_argument("--multistep", action="store_true",
                    help="the folders are one-step consistency exports (sCM, rCM, LCM): sample k steps on the even "
                         "list from their trained timestep")
+    p.add_argument("--quality", action="store_true",
+                   help="also precision and recall (k = 3) and the second feature net's FD at every step count")
     args = p.parse_args(argv)
     lo, _, hi = args.steps.partition("-")
     wanted = list(range(int(lo), int(hi) + 1)) if hi else [int(v) for v in args.steps.split(",")]
@@ -143,7 +155,7 @@ def main(argv=None) -> int:
     ref, rows = reference(args.samples), []
     for f in args.folders:
         counts = wanted if args.multistep else [k for k in wanted if k <= step_counts(f)]
-        rows += measure(f, counts, args.samples, seeds, ref, args.multistep)
+        rows += measure(f, counts, args.samples, seeds, ref, args.multistep, args.quality)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "flowmap_steps.json").write_text(json.dumps(rows, indent=2))
     (args.out / "flowmap_steps.md").write_text(table(rows, args.samples, seeds, ref))
