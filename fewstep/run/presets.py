@@ -414,7 +414,10 @@ def digits_swiftbrush() -> RunConfig:
     - guidance 1.0 on teacher and critic (plain SwiftBrush at w = 1; PG-SB's kappa ~ U[1, 1.5] before), the teacher's
       best setting, as digits_dmd2.
 
-    Together: ratio 2.31 (net 2: 2.05), class accuracy 0.971, recall 0.95x the teacher's, no memorisation. PG-SB's
+    Together: ratio 2.31 (net 2: 2.05), class accuracy 0.971, recall 0.95x the teacher's, no memorisation, with the
+    student's turn before the critic's; with the critic's turn first (now, so that no student update meets the
+    untrained critic) the no-argument run measured 2.80 (net 2: 2.73), accuracy 0.969, recall 0.94x, one training
+    seed each (docs/benchmarks/digits_new_methods.md). PG-SB's
     random scale is --method.guidance_min / --method.guidance_max. SwiftBrush's optimiser otherwise (Adam without
     weight decay, constant lr, grad clip 1); lr 1e-4 for both networks, the digits DMD2 / SiD rate (SwiftBrush's
     1e-6 / 1e-3 are for an SD UNet and a LoRA)."""
